@@ -1,0 +1,209 @@
+"""`Settings`: every knob of the backend, read once from the environment and validated.
+
+Names follow Label Studio's ML-backend conventions (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
+BASIC_AUTH_USER/PASS, MODEL_DIR, port 9090). `.env.example` lists them all; the README's
+configuration table is generated from the same field descriptions.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+DEFAULT_MODEL_NAME = "ViT-B-16-SigLIP"
+"""Apache-2.0 weights, 76.0 % ImageNet zero-shot (open_clip results table)."""
+
+DEFAULT_MODEL_PRETRAINED = "webli"
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """Backend configuration. Each field is read from the environment variable of the same name."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", env_file=None, protected_namespaces=()
+    )
+
+    # --- model -----------------------------------------------------------------------------
+    MODEL_NAME: str = Field(
+        DEFAULT_MODEL_NAME,
+        description="open_clip architecture name (e.g. ViT-B-16-SigLIP, ViT-B-32-256), "
+        "or 'hf-hub:org/repo' / 'local-dir:/path' (config, weights and tokenizer together).",
+    )
+    MODEL_PRETRAINED: str = Field(
+        DEFAULT_MODEL_PRETRAINED,
+        description="open_clip pretrained tag (e.g. webli, datacomp_s34b_b86k), or a path to a "
+        "local checkpoint file, or 'none' for random weights (tests only).",
+    )
+    MODEL_CONFIG: Path | None = Field(
+        None,
+        description="Path to an open_clip model-config JSON for a custom architecture; "
+        "MODEL_NAME then defaults to (and must equal) the file's stem.",
+    )
+    MODEL_CACHE_DIR: Path | None = Field(
+        None, description="Where open_clip/Hugging Face downloads weights (default: HF cache)."
+    )
+    DEVICE: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    PRECISION: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU."
+    )
+    TEMPLATES: str = Field(
+        "simple",
+        description="Default prompt template set: simple (7, OpenAI's selection), openai (80), "
+        "photo ('a photo of a {}.'), or templates separated by '|', each containing '{}'.",
+    )
+    TOP_K: int = Field(5, ge=1, le=50, description="Alternatives kept with each prediction.")
+    BATCH_SIZE: int = Field(0, ge=0, description="Encoder batch cap; 0 = auto (8 CPU, 64 GPU).")
+    BATCH_WAIT_MS: float = Field(
+        5.0, ge=0,
+        description="How long the encoder waits to fill a batch from concurrent requests.",
+    )
+    DECODE_THREADS: int = Field(0, ge=0, description="Image decode threads; 0 = CPU count.")
+
+    # --- images ----------------------------------------------------------------------------
+    FETCH_CONCURRENCY: int = Field(16, ge=1, le=256, description="Image downloads in flight.")
+    FETCH_TIMEOUT_S: float = Field(
+        20.0, gt=0, description="Total time allowed to download one image, in seconds."
+    )
+    CONNECT_TIMEOUT_S: float = Field(5.0, gt=0, description="TCP/TLS connect timeout, seconds.")
+    MAX_IMAGE_BYTES: int = Field(
+        50 * 1024 * 1024, gt=0, description="Largest image download accepted, in bytes."
+    )
+    MAX_IMAGE_PIXELS: int = Field(
+        100_000_000, gt=0, description="Largest image accepted (width x height) before decoding."
+    )
+    LOCAL_FILES_DOCUMENT_ROOT: Path | None = Field(
+        None,
+        description="Same as Label Studio's: '/data/local-files/?d=' paths are read from here "
+        "when present on this machine, else fetched from Label Studio.",
+    )
+
+    # --- Label Studio ----------------------------------------------------------------------
+    LABEL_STUDIO_URL: str | None = Field(
+        None,
+        description="Label Studio base URL as this backend reaches it (uploads, presigned cloud "
+        "URLs). Falls back to the hostname Label Studio sends in /setup.",
+    )
+    LABEL_STUDIO_API_KEY: str | None = Field(
+        None,
+        description="Label Studio token: a legacy token or a personal access token (JWT). Falls "
+        "back to the token Label Studio sends in /setup.",
+    )
+
+    # --- store -----------------------------------------------------------------------------
+    REDIS_URL: str | None = Field(
+        None, description="redis://host:port/db; without it an embedded store in MODEL_DIR is used."
+    )
+    MODEL_DIR: Path = Field(
+        Path(".model-dir"), description="Directory for local state (embedded store, caches)."
+    )
+
+    # --- server ----------------------------------------------------------------------------
+    HOST: str = Field("0.0.0.0", description="Interface the server listens on.")
+    PORT: int = Field(9090, ge=1, le=65535, description="Port the server listens on.")
+    WORKERS: int = Field(1, ge=1, description="Server processes; each loads its own model.")
+    BASIC_AUTH_USER: str | None = Field(None, description="Require HTTP Basic auth (user).")
+    BASIC_AUTH_PASS: str | None = Field(None, description="Require HTTP Basic auth (password).")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR."
+    )
+
+    @field_validator("DEVICE")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("LABEL_STUDIO_URL")
+    @classmethod
+    def _check_ls_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. http://label-studio:8080")
+        return value.rstrip("/")
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if bool(self.BASIC_AUTH_USER) != bool(self.BASIC_AUTH_PASS):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.MODEL_CONFIG is not None:
+            self._check_model_config()
+        if _looks_like_path(self.MODEL_PRETRAINED) and not Path(self.MODEL_PRETRAINED).is_file():
+            raise ValueError(
+                f"MODEL_PRETRAINED={self.MODEL_PRETRAINED!r} looks like a path but no such file "
+                "exists; point it at a checkpoint file or use an open_clip pretrained tag"
+            )
+        return self
+
+    def _check_model_config(self) -> None:
+        assert self.MODEL_CONFIG is not None
+        if not self.MODEL_CONFIG.is_file():
+            raise ValueError(f"MODEL_CONFIG={self.MODEL_CONFIG} does not exist")
+        stem = self.MODEL_CONFIG.stem
+        if "MODEL_NAME" not in self.model_fields_set:
+            self.MODEL_NAME = stem
+        elif self.MODEL_NAME != stem:
+            raise ValueError(
+                f"MODEL_NAME={self.MODEL_NAME!r} must equal the MODEL_CONFIG file stem {stem!r} "
+                "(open_clip registers a config under its file name); unset MODEL_NAME or rename"
+            )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.BASIC_AUTH_USER is not None
+
+
+_SECRET_FIELDS = frozenset({"LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS"})
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (plus overrides); raise ConfigError naming the fix."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(part) for part in err["loc"]) or "settings"
+        given = err.get("input")
+        secret = name in _SECRET_FIELDS
+        shown = "" if secret or isinstance(given, dict) or given is None else f"={given!r}"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}{shown}: {message}")
+    return "Invalid configuration; fix these environment variables:\n  " + "\n  ".join(lines)

@@ -1,0 +1,53 @@
+"""The backend's error hierarchy.
+
+Every error message says what went wrong *and* what to do about it, because it ends up in a
+log line or in Label Studio's ML-backend status, read by someone who did not write this code.
+
+    BackendError
+    ├── ConfigError            a setting is missing or invalid (names the variable to set)
+    ├── LabelConfigError       the project's label config has nothing this backend can predict
+    ├── ModelUnavailable       the model is still loading, or failed to load (says why)
+    └── TaskError              one task cannot be predicted; only that task fails
+        └── ImageError         its image cannot be used
+            ├── ImageRefused   the image reference is not one we fetch (scheme, form)
+            ├── FetchError     download failed (network, status, size limit, timeout)
+            └── DecodeError    the bytes are not a usable image (format, truncation, pixels)
+"""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(BackendError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class LabelConfigError(BackendError):
+    """The label config cannot be served: unsupported tags, no image, bad attributes."""
+
+
+class ModelUnavailable(BackendError):
+    """The model is not ready: still loading, or loading failed (the message says why)."""
+
+
+class TaskError(BackendError):
+    """A single task cannot be predicted. Other tasks of the same request are unaffected."""
+
+
+class ImageError(TaskError):
+    """The task's image cannot be used."""
+
+
+class ImageRefused(ImageError):
+    """The image reference has a form or scheme this backend does not fetch."""
+
+
+class FetchError(ImageError):
+    """Downloading the image failed: connection, HTTP status, timeout or size limit."""
+
+
+class DecodeError(ImageError):
+    """The downloaded bytes are not a decodable image within the configured limits."""

@@ -1,0 +1,26 @@
+"""Prometheus metrics, served on `/metrics`. Names carry units; labels stay low-cardinality."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "backend_http_requests_total", "HTTP requests by route and status code", ["route", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "backend_http_request_duration_seconds", "HTTP request latency by route", ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100),
+)
+TASKS = Counter("backend_predict_tasks_total", "Tasks predicted, by outcome", ["outcome"])
+TASK_FAILURES = Counter(
+    "backend_task_failures_total", "Tasks (or controls) that failed, by error kind", ["kind"]
+)
+IMAGES_ENCODED = Counter("backend_images_encoded_total", "Images run through the image tower")
+PROMPTS_ENCODED = Counter("backend_prompts_encoded_total", "Prompts run through the text tower")
+TEXT_CACHE = Counter(
+    "backend_text_cache_lookups_total", "Prompt embedding lookups, by hit or miss", ["result"]
+)
+WEBHOOKS = Counter("backend_webhook_events_total", "Webhook events received, by action", ["action"])
+MODEL_LOAD_SECONDS = Gauge("backend_model_load_seconds", "Time the model took to load")
+MODEL_READY = Gauge("backend_model_ready", "1 once the model is loaded and serving")
+INFERENCE_QUEUE = Gauge("backend_inference_queue_items", "Work items waiting for the model")

@@ -1,0 +1,325 @@
+"""`ZeroShotModel`: the Label Studio model, with the familiar `predict(tasks, context)` and
+`fit(event, data)` of label-studio-ml backends.
+
+One instance per process holds the heavy parts (encoder, inference thread, HTTP client, caches)
+and runs the request path phase by phase:
+
+    label config → label spaces → prompt plans → heads (text, cached)
+    task → image ref → bytes → RGB image → tensor → embedding (batched) → probabilities → regions
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from . import metrics
+from .batching import InferenceWorker
+from .config import Settings
+from .decode import decode_image
+from .encoder import Encoder, ModelSpec, load_encoder
+from .errors import BackendError, ImageRefused, ModelUnavailable, TaskError
+from .images import ImageFetcher
+from .labels import LabelSpace, ParsedConfig, parse_label_config
+from .labelstudio import LabelStudioAccess
+from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
+from .prompts import plan_prompts, prompt_set_hash
+from .scoring import Head, build_head, ensemble, probabilities
+from .text_embeddings import TextEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+HEAD_CACHE_SIZE = 256
+MAX_VERSIONS_KEPT = 100
+LOAD_WAIT_S = 90.0
+"""How long /predict waits for a model still loading (Label Studio gives it 100 s)."""
+
+Task = dict[str, Any]
+State = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class ModelState:
+    state: State = "loading"
+    error: str | None = None
+    load_seconds: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProjectContext:
+    """What one request knows about its project: label spaces, heads, version, LS access."""
+
+    parsed: ParsedConfig
+    heads: tuple[Head, ...]
+    model_version: str
+    ls: LabelStudioAccess | None
+
+
+class ZeroShotModel:
+    """Zero-shot image classifier speaking Label Studio's ML-backend protocol."""
+
+    def __init__(self, settings: Settings, encoder: Encoder | None = None,
+                 fetcher: ImageFetcher | None = None) -> None:
+        self.settings = settings
+        self.spec = ModelSpec.from_settings(settings)
+        self.model_label = self.spec.label()  # the weights as loaded, even if the file changes
+        self.status = ModelState()
+        self.encoder: Encoder | None = encoder
+        self.worker = InferenceWorker(self._max_batch(), settings.BATCH_WAIT_MS / 1000)
+        self.texts = TextEmbeddingCache()
+        self.fetcher = fetcher or ImageFetcher(settings)
+        threads = settings.DECODE_THREADS or os.cpu_count() or 2
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self._heads: OrderedDict[str, Head] = OrderedDict()
+        self._building: dict[str, asyncio.Future[Head]] = {}
+        self._projects: dict[str, LabelStudioAccess] = {}
+        self._versions: OrderedDict[str, None] = OrderedDict()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the inference thread and load the model on it, in the background."""
+        self.worker.start()
+        if self.encoder is not None:
+            self._mark_ready(0.0)
+            return
+        self.worker.submit(self._load)
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.encoder = load_encoder(self.settings)
+        except BackendError as exc:
+            self.status = ModelState("failed", str(exc))
+            log.error("model failed to load: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else is a load failure too
+            self.status = ModelState("failed", f"{type(exc).__name__}: {exc}")
+            log.exception("model failed to load")
+            return
+        self._mark_ready(time.perf_counter() - started)
+
+    def _mark_ready(self, seconds: float) -> None:
+        assert self.encoder is not None
+        details: dict[str, Any] = getattr(self.encoder, "describe", dict)()
+        self.status = ModelState("ready", None, round(seconds, 3), details)
+        metrics.MODEL_LOAD_SECONDS.set(seconds)
+        metrics.MODEL_READY.set(1)
+        log.info("model %s ready in %.1f s: %s", self.model_label, seconds, details)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.worker.stop, 30.0)
+        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        await self.fetcher.aclose()
+
+    async def wait_ready(self, timeout: float = LOAD_WAIT_S) -> Encoder:
+        deadline = time.monotonic() + timeout
+        while self.status.state == "loading" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.status.state == "failed":
+            raise ModelUnavailable(f"The model failed to load: {self.status.error}")
+        if self.encoder is None:
+            raise ModelUnavailable(f"The model is still loading after {timeout:.0f} s; retry.")
+        return self.encoder
+
+    def _max_batch(self) -> int:
+        """CPU: batch 1 → 8 gains only 1.4× on ViT-B/32 (performance-notes.md); GPU: batch big."""
+        if self.settings.BATCH_SIZE:
+            return self.settings.BATCH_SIZE
+        device = self.settings.DEVICE
+        gpu = device.startswith(("cuda", "mps")) or device == "auto" and torch.cuda.is_available()
+        return 64 if gpu else 8
+
+    # --- setup: cheap, never touches the model ----------------------------------------------
+    def model_version(self, parsed: ParsedConfig) -> str:
+        """Backbone, weights and prompt-set hash, e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d`."""
+        plans = [plan_prompts(space, self.settings.TEMPLATES) for space in parsed.spaces]
+        version = f"{self.model_label}:p{prompt_set_hash(plans, parsed.spaces)}"
+        self._versions[version] = None
+        self._versions.move_to_end(version)
+        while len(self._versions) > MAX_VERSIONS_KEPT:
+            self._versions.popitem(last=False)
+        return version
+
+    def issued_versions(self) -> list[str]:
+        """Model versions this process has issued, most recent last."""
+        return list(self._versions)
+
+    def setup(self, label_config: str, project: Any = None, hostname: str | None = None,
+              access_token: str | None = None) -> str:
+        """Validate the config, remember how to reach Label Studio, return the model_version."""
+        parsed = parse_label_config(label_config)
+        if self.status.state == "failed":
+            raise ModelUnavailable(f"The model failed to load: {self.status.error}")
+        self.remember_project(project, hostname, access_token)
+        return self.model_version(parsed)
+
+    def remember_project(self, project: Any, hostname: str | None, token: str | None) -> None:
+        key = project_key(project)
+        if key is None or not (hostname or token):
+            return
+        url = self.settings.LABEL_STUDIO_URL or hostname
+        if url and url.startswith(("http://", "https://")):
+            token = self.settings.LABEL_STUDIO_API_KEY or token
+            self._projects[key] = LabelStudioAccess(url, token)
+
+    def label_studio(self, project: Any = None) -> LabelStudioAccess | None:
+        """Settings first (they know the URL as this backend sees it), then what /setup said."""
+        remembered = self._projects.get(project_key(project) or "")
+        if self.settings.LABEL_STUDIO_URL:
+            token = self.settings.LABEL_STUDIO_API_KEY or (remembered.token if remembered else None)
+            return LabelStudioAccess(self.settings.LABEL_STUDIO_URL, token)
+        return remembered
+
+    async def warm_up(self, label_config: str) -> None:
+        """Encode a config's prompts ahead of the first /predict (called after /setup)."""
+        if self.status.state != "ready":
+            return
+        await self.context(label_config)
+
+    # --- predict -----------------------------------------------------------------------------
+    async def context(self, label_config: str, project: Any = None) -> ProjectContext:
+        parsed = await asyncio.to_thread(parse_label_config, label_config)
+        encoder = await self.wait_ready()
+        heads = [await self._head(space, encoder) for space in parsed.spaces]
+        ls = self.label_studio(project)
+        return ProjectContext(parsed, tuple(heads), self.model_version(parsed), ls)
+
+    async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
+                      label_config: str, project: Any = None) -> list[dict[str, Any]]:
+        """One Label Studio prediction per task, in order. A failing task gets an empty one."""
+        ctx = await self.context(label_config, project)
+        embeddings = await self._embed_tasks(tasks, ctx)
+        return [self._predict_task(task, embeddings, ctx) for task in tasks]
+
+    async def _embed_tasks(self, tasks: Sequence[Task],
+                           ctx: ProjectContext) -> dict[str, torch.Tensor | BaseException]:
+        """Embedding (or the error) of every distinct image reference the tasks use."""
+        jobs: dict[str, asyncio.Task[torch.Tensor]] = {}
+        for task in tasks:
+            for space in ctx.parsed.spaces:
+                ref = _image_ref(task, space)
+                if isinstance(ref, str) and ref not in jobs:
+                    jobs[ref] = asyncio.ensure_future(self._embed(ref, _task_id(task), ctx.ls))
+        done = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        return dict(zip(jobs, done))
+
+    async def _embed(self, ref: str, task_id: int | None,
+                     ls: LabelStudioAccess | None) -> torch.Tensor:
+        encoder = self.encoder
+        assert encoder is not None
+        fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
+        row = await self.worker.encode(encoder.encode_images, pixels)
+        metrics.IMAGES_ENCODED.inc()
+        return row
+
+    def _pixels(self, encoder: Encoder, fetched: Any) -> torch.Tensor:
+        image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
+                             draft_size=encoder.input_size, content_type=fetched.content_type)
+        return encoder.preprocess(image)
+
+    def _predict_task(self, task: Task, embeddings: dict[str, Any],
+                      ctx: ProjectContext) -> dict[str, Any]:
+        task_id = _task_id(task)
+        outcomes: list[ControlOutcome] = []
+        failed: dict[str, list[str]] = {}  # reason → controls it broke
+        for space, head in zip(ctx.parsed.spaces, ctx.heads):
+            ref = _image_ref(task, space)
+            found = embeddings.get(ref) if isinstance(ref, str) else ref
+            if not isinstance(found, torch.Tensor):
+                failed.setdefault(_reason(task_id, found), []).append(space.name)
+                continue
+            probs = probabilities(head, found.unsqueeze(0))[0]
+            rid = region_id(task_id, space.name, ctx.model_version)
+            outcomes.append(decide(space, probs, head.scoring, self.settings.TOP_K, rid))
+        reasons = [f"task {task_id}: {why} (controls: {', '.join(names)})"
+                   for why, names in failed.items()]
+        for line in reasons:
+            log.warning("%s", line)
+        if not outcomes:
+            metrics.TASKS.labels("failed").inc()
+            return empty_prediction(ctx.model_version, "; ".join(reasons))
+        metrics.TASKS.labels("partial" if reasons else "ok").inc()
+        return task_prediction(outcomes, ctx.model_version)
+
+    async def _head(self, space: LabelSpace, encoder: Encoder) -> Head:
+        key = space.fingerprint() + "\x00" + self.settings.TEMPLATES
+        if key in self._heads:
+            self._heads.move_to_end(key)
+            return self._heads[key]
+        if key not in self._building:  # concurrent requests for a new config share one build
+            self._building[key] = asyncio.ensure_future(
+                self.worker.call(self._build_head, space, encoder))
+        try:
+            head = await asyncio.shield(self._building[key])
+        finally:
+            self._building.pop(key, None)
+        self._heads[key] = head
+        while len(self._heads) > HEAD_CACHE_SIZE:
+            self._heads.popitem(last=False)
+        return head
+
+    def _build_head(self, space: LabelSpace, encoder: Encoder) -> Head:
+        """Runs on the inference thread: encodes missing prompts, ensembles each group."""
+        plan = plan_prompts(space, self.settings.TEMPLATES)
+        self.texts.fill(plan.texts, encoder.encode_texts)
+        groups = torch.stack([ensemble(self.texts.stack(group)) for group in plan.groups])
+        return build_head(groups, plan.group_label, space, encoder.family,
+                          encoder.logit_scale, encoder.logit_bias)
+
+    # --- fit ---------------------------------------------------------------------------------
+    def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Receive a Label Studio event. Corrections are persisted by the corrections log."""
+        metrics.WEBHOOKS.labels(event if event.isupper() and len(event) < 64 else "other").inc()
+        log.info("event %s for project %s", event, project_key(data.get("project")))
+        return {"status": "ok", "event": event}
+
+
+def project_key(project: Any) -> str | None:
+    """Label Studio sends the project as "3.1700000000" in /setup and /predict, 3 or {"id": 3}
+    in webhooks; all of them mean project 3."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or isinstance(project, bool):
+        return None
+    text = str(project).split(".")[0].strip()
+    return text or None
+
+
+def _task_id(task: Task) -> int | None:
+    value = task.get("id") if isinstance(task, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _image_ref(task: Task, space: LabelSpace) -> str | TaskError:
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict):
+        return TaskError("the task has no 'data' object")
+    if space.data_key not in data:
+        return TaskError(f"the task's data has no field {space.data_key!r} "
+                         f"(named by <Image value=\"${space.data_key}\">)")
+    value = data[space.data_key]
+    if not isinstance(value, str):
+        return ImageRefused(f"data.{space.data_key} is a {type(value).__name__}, not an image URL")
+    return value
+
+
+def _reason(task_id: int | None, error: Any) -> str:
+    if not isinstance(error, BaseException):
+        error = TaskError("no embedding was computed")
+    kind = type(error).__name__
+    metrics.TASK_FAILURES.labels(kind).inc()
+    if not isinstance(error, BackendError):
+        log.error("task %s: unexpected %s", task_id, kind, exc_info=error)
+    return f"{kind}: {error}"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs and run it: the README's test command, and CI's.
+#   - the project in .venv (with its test extras)
+#   - Label Studio in its own virtualenv ($LABEL_STUDIO_VENV), for the end-to-end tests
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k images`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+LABEL_STUDIO_VERSION=1.23.2
+export LABEL_STUDIO_VENV=${LABEL_STUDIO_VENV:-$HOME/.cache/clip-backend/label-studio-venv}
+export HF_HUB_OFFLINE=1   # tests never download weights
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+if [ ! -x "$LABEL_STUDIO_VENV/bin/label-studio" ]; then
+  "$PYTHON" -m venv "$LABEL_STUDIO_VENV"
+  "$LABEL_STUDIO_VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$LABEL_STUDIO_VENV/bin/python" -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION"
+fi
+
+.venv/bin/ruff check backend tests scripts
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,57 @@
+"""Shared fixtures. Everything runs offline, against servers on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub (it reads this once): tests never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from backend.config import Settings, load_settings
+
+from .support.http_server import LoopbackServer
+from .support.tiny_models import write_config
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED_CACHE = Path(os.environ.get("TESTBED_CACHE", REPO / ".testbed-cache"))
+
+# Settings come from the environment: a developer's own variables must not leak into tests.
+_SETTING_NAMES = set(Settings.model_fields)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper() in _SETTING_NAMES:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("tiny-configs")
+    return {family: write_config(directory, family) for family in ("clip", "siglip")}
+
+
+@pytest.fixture
+def tiny_settings(tiny_configs: dict[str, Path], tmp_path: Path) -> Settings:
+    """Settings for a tiny random-weight CLIP: fast, for protocol and plumbing tests."""
+    return load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                         MODEL_DIR=tmp_path / "model-dir")
+
+
+@pytest.fixture(scope="session")
+def micro_clip():  # type: ignore[no-untyped-def]
+    """The micro CLIP trained on synthetic colour × shape images (cached between runs)."""
+    from .support.microclip import ensure_micro_clip
+
+    return ensure_micro_clip(TESTBED_CACHE, family="clip")
+
+
+@pytest.fixture
+def loopback() -> Iterator[LoopbackServer]:
+    with LoopbackServer() as server:
+        yield server

@@ -1,0 +1,195 @@
+"""End to end: a real Label Studio connects to the real backend (`python -m backend serve`)
+serving the micro CLIP, retrieves predictions for URL-imported and uploaded images, and sends
+the backend its webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from lxml import etree
+from prometheus_client.parser import text_string_to_metric_families
+
+from backend.config import load_settings
+from backend.images import ImageFetcher
+from backend.labelstudio import LabelStudioAccess
+from tests.e2e.label_studio import (
+    LabelStudioClient,
+    LabelStudioServer,
+    create_personal_access_token,
+    free_port,
+)
+from tests.support.http_server import LoopbackServer, Route
+from tests.support.microclip import (
+    COLOURS,
+    LABELS,
+    SHAPES,
+    UNSEEN_PAIRS,
+    ZERO_SHOT_TEMPLATES,
+    held_out_images,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+SEEN = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in UNSEEN_PAIRS]
+
+
+def config_with_testbed_labels(example: str) -> str:
+    """An example config from label_config/, its <Choice>s swapped for the testbed's labels."""
+    root = etree.fromstring((REPO / "label_config" / example).read_bytes())
+    (choices,) = root.iter("Choices")
+    for child in list(choices):
+        choices.remove(child)
+    for label in LABELS:
+        etree.SubElement(choices, "Choice", value=label)
+    return etree.tostring(root, encoding="unicode")
+
+
+class BackendProcess:
+    """`python -m backend serve` as users run it, on a loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port),
+                     "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def __enter__(self) -> BackendProcess:
+        self._log = self.log_path.open("wb")
+        self._process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=REPO,
+                                         env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"backend exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json()["model_state"] == "ready":
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"backend not ready: {self.log_path.read_text()[-3000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        self._log.close()
+
+    def counter(self, name: str, **labels: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def pat(label_studio: tuple[LabelStudioServer, LabelStudioClient]) -> str:
+    return create_personal_access_token(label_studio[1])
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, micro_clip, pat, tmp_path_factory) -> Iterator[BackendProcess]:
+    server, _ = label_studio
+    env = {"MODEL_CONFIG": str(micro_clip.config_path),
+           "MODEL_PRETRAINED": str(micro_clip.checkpoint_path),
+           "TEMPLATES": "|".join(ZERO_SHOT_TEMPLATES),
+           "LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": pat,
+           "MODEL_DIR": str(tmp_path_factory.mktemp("model-dir"))}
+    with BackendProcess(env, tmp_path_factory.mktemp("logs") / "backend.log") as process:
+        yield process
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wait_for(check, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_studio, backend, tmp_path):
+    _, client = label_studio
+    config = config_with_testbed_labels("choices_single.xml")
+    project = client.create_project("clip-e2e", config)
+    samples = held_out_images(SEEN[::2], 1, seed=21)  # 10 images of seen pairs
+    expected: dict[str, str] = {}
+    with LoopbackServer() as images:
+        url_tasks = []
+        for i, (image, colour, shape) in enumerate(samples[:5]):
+            url = images.add(f"/e2e/{i}.png", Route(png_bytes(image), content_type="image/png"))
+            url_tasks.append({"data": {"image": url}})
+            expected[url] = f"{colour} {shape}"
+        client.import_tasks(project, url_tasks)
+        paths = []
+        for i, (image, colour, shape) in enumerate(samples[5:]):
+            path = tmp_path / f"upload_{i}.png"
+            image.save(path)
+            paths.append(path)
+            expected[f"upload_{i}.png"] = f"{colour} {shape}"
+        client.upload_images(project, paths)
+
+        ml_id = client.add_ml_backend(project, backend.url, title="clip")
+        assert client.get_ml_backend(ml_id)["state"] == "CO"  # connected: /health and /setup answered
+        version = httpx.post(backend.url + "/setup", json={"project": f"{project}.0", "schema": config}).json()["model_version"]
+        client.retrieve_predictions(project)
+        tasks = client.list_tasks(project)
+
+    assert len(tasks) == 10
+    uploads = [t for t in tasks if t["data"]["image"].startswith("/data/upload/")]
+    assert len(uploads) == 5  # fetched by the backend from LS with the personal access token
+    hits = 0
+    for task in tasks:
+        (prediction,) = [p for p in task["predictions"] if p["model_version"] == version]
+        (region,) = prediction["result"]
+        assert 0.0 <= prediction["score"] <= 1.0 and region["score"] == prediction["score"]
+        assert region["top_k"][0]["label"] == region["value"]["choices"][0]  # LS kept top_k
+        ref = task["data"]["image"]
+        key = ref if ref in expected else ref.rsplit("-", 1)[-1]  # /data/upload/<p>/<hex>-upload_3.png
+        hits += region["value"]["choices"][0] == expected[key]
+    assert hits >= 9, f"{hits}/10 predictions match the image's label"
+
+    before = backend.counter("backend_webhook_events_total", action="ANNOTATION_CREATED")
+    client.create_annotation(tasks[0]["id"], [{"from_name": "animal", "to_name": "image", "type": "choices",
+                                               "value": {"choices": [LABELS[0]]}}])
+    assert wait_for(lambda: backend.counter("backend_webhook_events_total",
+                                            action="ANNOTATION_CREATED") == before + 1)
+    client.train(ml_id)
+    assert wait_for(lambda: backend.counter("backend_webhook_events_total", action="START_TRAINING") >= 1)
+
+
+def test_uploaded_images_fetch_with_legacy_token_and_personal_access_token(label_studio, pat, tmp_path):
+    server, client = label_studio
+    project = client.create_project("clip-tokens", config_with_testbed_labels("choices_single.xml"))
+    image, _, _ = held_out_images(SEEN[:1], 1, seed=2)[0]
+    image.save(tmp_path / "token-check.png")
+    (task_id,) = client.upload_images(project, [tmp_path / "token-check.png"])
+    ref = client.get_task(task_id)["data"]["image"]
+
+    async def fetch(token: str) -> bytes:
+        fetcher = ImageFetcher(load_settings())
+        try:
+            return (await fetcher.fetch(ref, task_id=task_id, ls=LabelStudioAccess(server.url, token))).data
+        finally:
+            await fetcher.aclose()
+
+    legacy, personal = asyncio.run(fetch(server.token)), asyncio.run(fetch(pat))
+    assert legacy == personal == (tmp_path / "token-check.png").read_bytes()

@@ -1,0 +1,65 @@
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from backend.batching import InferenceWorker
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    seen_batches: list[int] = []
+    threads: set[str] = set()
+
+    def double(batch: torch.Tensor) -> torch.Tensor:
+        seen_batches.append(batch.shape[0])
+        threads.add(threading.current_thread().name)
+        return batch * 2
+
+    worker = InferenceWorker(max_batch=4, wait_s=0.05)
+    worker.start()
+
+    async def run():
+        return await asyncio.gather(*(worker.encode(double, torch.tensor([float(i)])) for i in range(10)))
+
+    try:
+        rows = asyncio.run(run())
+    finally:
+        worker.stop(5)
+    assert [row.item() for row in rows] == [2.0 * i for i in range(10)]
+    assert max(seen_batches) == 4 and sum(seen_batches) == 10 and len(seen_batches) < 10
+    assert threads == {"inference"}
+
+
+def test_calls_run_on_the_worker_and_errors_reach_every_waiter():
+    worker = InferenceWorker(max_batch=8, wait_s=0.01)
+    worker.start()
+
+    def broken(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    async def run():
+        name = await worker.call(lambda: threading.current_thread().name)
+        results = await asyncio.gather(*(worker.encode(broken, torch.zeros(1)) for _ in range(3)),
+                                       return_exceptions=True)
+        return name, results
+
+    try:
+        name, results = asyncio.run(run())
+    finally:
+        worker.stop(5)
+    assert name == "inference"
+    assert all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results)
+
+
+def test_stop_finishes_queued_work():
+    worker = InferenceWorker(max_batch=2, wait_s=0.0)
+    futures = [worker.submit(lambda i=i: i * 3) for i in range(5)]
+    worker.start()
+    worker.stop(5)
+    assert [f.result(timeout=1) for f in futures] == [0, 3, 6, 9, 12]
+
+
+def test_batch_cap_must_be_positive():
+    with pytest.raises(ValueError):
+        InferenceWorker(max_batch=0, wait_s=0)

@@ -1,0 +1,118 @@
+"""What annotation projects really contain, decoded upright to RGB — or refused with a reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.decode import decode_image
+from backend.errors import DecodeError
+
+LIMIT = 50_000_000
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def left_red_right_blue(width: int = 64, height: int = 32) -> Image.Image:
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width // 2, height))
+    return image
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(left_red_right_blue(), "JPEG", exif=exif, quality=95)
+    image = decode_image(data, max_pixels=LIMIT)
+    assert image.size == (32, 64)
+    top, bottom = image.getpixel((16, 2)), image.getpixel((16, 61))
+    assert top[0] > 200 and top[2] < 60      # red ends up on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    image = decode_image(encode(cmyk, "JPEG", quality=95), max_pixels=LIMIT)
+    r, g, b = image.getpixel((8, 8))
+    assert image.mode == "RGB" and r > 200 and g < 60 and b < 60
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 4, 8))
+    data = encode(palette, "PNG", transparency=0)
+    image = decode_image(data, max_pixels=LIMIT)
+    assert image.getpixel((1, 1)) == (255, 0, 0) and image.getpixel((6, 6)) == (255, 255, 255)
+
+
+def test_rgba_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_image(encode(rgba, "PNG"), max_pixels=LIMIT).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grayscale_keeps_its_range():
+    ramp = (np.linspace(0, 65535, 64 * 8).reshape(8, 64)).astype(np.uint16)
+    image = decode_image(encode(Image.fromarray(ramp), "PNG"), max_pixels=LIMIT)
+    values = np.asarray(image)[..., 0]
+    assert values.min() == 0 and values.max() == 255  # not clipped to white
+
+
+def test_float_tiff_is_rescaled():
+    data = np.linspace(-1.0, 3.0, 64, dtype=np.float32).reshape(8, 8)
+    image = decode_image(encode(Image.fromarray(data, mode="F"), "TIFF"), max_pixels=LIMIT)
+    assert np.asarray(image).min() == 0 and np.asarray(image).max() == 255
+
+
+def test_webp_and_first_frame_of_animated_gif():
+    assert decode_image(encode(left_red_right_blue(), "WEBP"), max_pixels=LIMIT).size == (64, 32)
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    image = decode_image(gif.getvalue(), max_pixels=LIMIT)
+    assert image.getpixel((4, 4))[0] > 200  # the first (red) frame
+
+
+def test_large_jpeg_is_decoded_at_reduced_size_with_draft():
+    data = encode(left_red_right_blue(2048, 1024), "JPEG", quality=90)
+    full = decode_image(data, max_pixels=LIMIT)
+    reduced = decode_image(data, max_pixels=LIMIT, draft_size=224)
+    assert full.size == (2048, 1024)
+    assert min(reduced.size) >= 224 and reduced.size[0] < 2048
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "message"),
+    [
+        (b"", None, "empty (0 bytes)"),
+        (b"<!DOCTYPE html><html><body>Login</body></html>", "text/html", "an HTML page"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"></svg>', "image/svg+xml", "SVG"),
+        (b"%PDF-1.7\n...", "application/pdf", "a PDF document"),
+        (b'{"error": "nope"}', "application/json", "JSON"),
+        (b"\x00\x01\x02\x03garbage", None, "unrecognised data starting with 00010203"),
+    ],
+)
+def test_non_images_are_named(data, content_type, message):
+    with pytest.raises(DecodeError, match="not an image|empty") as caught:
+        decode_image(data, max_pixels=LIMIT, content_type=content_type)
+    assert message in str(caught.value)
+
+
+def test_truncated_jpeg_is_refused():
+    data = encode(left_red_right_blue(256, 256), "JPEG")
+    with pytest.raises(DecodeError, match="corrupt or truncated JPEG"):
+        decode_image(data[: len(data) // 2], max_pixels=LIMIT)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = encode(Image.new("1", (20_000, 20_000)), "PNG")  # 400 MP, a few KB on the wire
+    assert len(bomb) < 100_000
+    with pytest.raises(DecodeError, match="exceeds MAX_IMAGE_PIXELS"):
+        decode_image(bomb, max_pixels=LIMIT)

@@ -1,0 +1,201 @@
+"""The HTTP API as Label Studio calls it: a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from backend.config import load_settings
+from backend.model import ZeroShotModel
+from backend.server import create_app
+
+from .support.backend_server import BackendThread
+from .support.http_server import LoopbackServer, Route
+
+RECORDED = Path(__file__).parent / "e2e" / "recorded"
+CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
+          '<Choice value="red"/><Choice value="green"/><Choice value="blue"/></Choices></View>')
+
+
+def jpeg(colour=(200, 30, 30), size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def backend(tiny_settings):
+    with BackendThread(create_app(tiny_settings)) as server:
+        server.wait_model()
+        yield server
+
+
+def post(server, path, body, **kwargs):
+    return httpx.post(server.url + path, json=body, timeout=30, **kwargs)
+
+
+def test_health_answers_label_studio_shape(backend):
+    for path in ("/", "/health"):
+        body = httpx.get(backend.url + path).json()
+        assert body["status"] == "UP" and body["model_class"] == "ZeroShotModel"
+        assert body["model_state"] == "ready" and body["family"] == "clip"
+
+
+def test_setup_returns_model_version_for_label_studios_exact_request(backend):
+    recorded = json.loads((RECORDED / "setup.json").read_text())
+    recorded["schema"] = CONFIG
+    recorded["extra_params"] = {"threshold": 0.5}  # the 2.x library crashes on a dict here
+    response = post(backend, "/setup", recorded)
+    assert response.status_code == 200
+    version = response.json()["model_version"]
+    assert version.startswith("tiny-test-clip/none:p")
+    assert version in httpx.get(backend.url + "/versions").json()["versions"]
+
+
+def test_setup_rejects_unsupported_configs_with_what_is_supported(backend):
+    config = '<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>'
+    response = post(backend, "/setup", {"project": "1.1", "schema": config})
+    assert response.status_code == 422
+    assert "Supported: <Choices>" in response.json()["detail"]
+
+
+def test_predict_keeps_task_order_and_fails_only_bad_tasks(backend, loopback: LoopbackServer, caplog):
+    good = loopback.add("/good.jpg", Route(jpeg(), content_type="image/jpeg"))
+    bad = {
+        2: loopback.add("/missing.jpg", Route(b"", 404)),
+        3: loopback.add("/page.jpg", Route(b"<!DOCTYPE html><html></html>", content_type="text/html")),
+        4: loopback.add("/truncated.jpg", Route(jpeg(size=(300, 300))[:400])),
+        5: loopback.add("/empty.jpg", Route(b"")),
+        6: "http://127.0.0.1:9/unreachable.jpg",
+    }
+    tasks = [{"id": 1, "data": {"image": good}}] + [{"id": i, "data": {"image": url}} for i, url in bad.items()]
+    tasks.append({"id": 7, "data": {"image": good}})
+    with caplog.at_level(logging.WARNING, logger="backend.model"):
+        response = post(backend, "/predict", {"tasks": tasks, "label_config": CONFIG, "project": "1.2"})
+    results = response.json()["results"]
+    assert response.status_code == 200 and len(results) == len(tasks)
+    assert results[0]["result"] and results[-1]["result"]
+    assert results[0]["result"][0]["value"]["choices"][0] in ("red", "green", "blue")
+    assert 0.0 <= results[0]["score"] <= 1.0
+    expected = {2: "HTTP 404", 3: "an HTML page", 4: "corrupt or truncated JPEG", 5: "empty (0 bytes)",
+                6: "could not connect"}
+    for index, (task_id, reason) in enumerate(expected.items(), start=1):
+        assert "result" not in results[index]
+        assert reason in results[index]["error"]
+        assert any(f"task {task_id}: " in r.message and reason in r.message for r in caplog.records)
+
+
+def test_predict_reuses_text_embeddings_and_a_shared_image_is_fetched_once(backend, loopback):
+    url = loopback.add("/a.jpg", Route(jpeg()))
+    model: ZeroShotModel = backend.app.state.model
+    body = {"tasks": [{"id": 1, "data": {"image": url}}], "label_config": CONFIG}
+    post(backend, "/predict", body)
+    encoded = model.texts.encoded
+    assert encoded == 3 * 7  # 3 labels × 7 templates ("simple")
+    body["tasks"].append({"id": 2, "data": {"image": url}})
+    results = post(backend, "/predict", body).json()["results"]
+    assert model.texts.encoded == encoded  # repeated config: no text encoded
+    assert results[0]["result"][0]["score"] == results[1]["result"][0]["score"]
+    assert len(loopback.requests) == 2  # one per /predict, not one per task
+
+
+def test_setup_warms_up_the_prompts(backend):
+    model: ZeroShotModel = backend.app.state.model
+    config = CONFIG.replace("blue", "purple")
+    post(backend, "/setup", {"project": "1.1", "schema": config})
+    for _ in range(200):
+        if model.texts.encoded >= 21:
+            break
+        threading.Event().wait(0.05)
+    assert model.texts.encoded == 21
+
+
+def test_model_runs_on_the_inference_thread_not_the_event_loop(backend, loopback):
+    model: ZeroShotModel = backend.app.state.model
+    seen: set[str] = set()
+    original = model.encoder.encode_images
+
+    def spy(pixels: torch.Tensor) -> torch.Tensor:
+        seen.add(threading.current_thread().name)
+        return original(pixels)
+
+    model.encoder.encode_images = spy
+    urls = [loopback.add(f"/{i}.jpg", Route(jpeg((i * 20, 0, 0)))) for i in range(5)]
+    post(backend, "/predict", {"tasks": [{"id": i, "data": {"image": u}} for i, u in enumerate(urls)],
+                               "label_config": CONFIG})
+    assert seen == {"inference"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECORDED.glob("webhook_*.json")))
+def test_every_recorded_label_studio_webhook_is_accepted(backend, name):
+    response = post(backend, "/webhook", json.loads((RECORDED / name).read_text()))
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b'{"action": 5}', b"", b'"text"'])
+def test_malformed_webhooks_get_400_not_500(backend, payload):
+    response = httpx.post(backend.url + "/webhook", content=payload,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"tasks": "nope"}, {"tasks": [1, 2]}, {"tasks": [], "label_config": 5},
+     {"tasks": [{"id": 1, "data": {"image": 42}}], "label_config": CONFIG},
+     {"tasks": [{"id": 1}], "label_config": "<View/>"},
+     {"tasks": [{"id": 1, "data": {}}]}],
+)
+def test_malformed_predict_requests_get_4xx_not_500(backend, body):
+    response = post(backend, "/predict", body)
+    assert response.status_code in (200, 422)
+    if response.status_code == 200:  # well-formed request, bad task: an aligned placeholder
+        assert len(response.json()["results"]) == len(body["tasks"])
+
+
+def test_metrics_move_after_predict_and_webhook(backend, loopback):
+    def sample(name: str) -> float:
+        text = httpx.get(backend.url + "/metrics").text
+        return sum(s.value for family in text_string_to_metric_families(text)
+                   for s in family.samples if s.name == name)
+
+    before = (sample("backend_images_encoded_total"), sample("backend_webhook_events_total"))
+    post(backend, "/predict", {"tasks": [{"id": 1, "data": {"image": loopback.add("/m.jpg", Route(jpeg()))}}],
+                               "label_config": CONFIG})
+    post(backend, "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}})
+    assert sample("backend_images_encoded_total") == before[0] + 1
+    assert sample("backend_webhook_events_total") == before[1] + 1
+    assert sample("backend_http_requests_total") > 0
+
+
+def test_basic_auth_guards_every_route(tiny_configs, tmp_path):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw-123")
+    with BackendThread(create_app(settings)) as server:
+        assert httpx.get(server.url + "/health").status_code == 401
+        assert httpx.get(server.url + "/health", auth=("ls", "wrong")).status_code == 401
+        assert httpx.post(server.url + "/webhook", json={"action": "X"}).status_code == 401
+        assert httpx.get(server.url + "/health", auth=("ls", "pw-123")).status_code == 200
+
+
+def test_model_that_fails_to_load_keeps_health_up_and_setup_says_why(tiny_configs, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED=str(broken))
+    with BackendThread(create_app(settings)) as server:
+        health = server.wait_model()
+        assert health["status"] == "UP" and health["model_state"] == "failed"
+        assert "broken" in health["model_error"]
+        setup = post(server, "/setup", {"project": "1.1", "schema": CONFIG})
+        assert setup.status_code == 503 and "Check that the checkpoint matches" in setup.json()["detail"]
+        predict = post(server, "/predict", {"tasks": [{"id": 1, "data": {"image": "x"}}], "label_config": CONFIG})
+        assert predict.status_code == 503
