@@ -98,7 +98,8 @@ class InferenceWorker:
                 job = self._next(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if job is None or not job.batchable or job.fn is not first.fn:
+            # `!=`, not `is not`: each `encoder.encode_images` access is a new bound method
+            if job is None or not job.batchable or job.fn != first.fn:
                 self._held.appendleft(job)
                 break
             batch.append(job)

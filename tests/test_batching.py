@@ -7,28 +7,34 @@ import torch
 from backend.batching import InferenceWorker
 
 
-def test_concurrent_requests_share_batches_and_get_their_own_rows():
-    seen_batches: list[int] = []
-    threads: set[str] = set()
+class Doubler:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
 
-    def double(batch: torch.Tensor) -> torch.Tensor:
-        seen_batches.append(batch.shape[0])
-        threads.add(threading.current_thread().name)
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        self.batches.append(batch.shape[0])
+        self.threads.add(threading.current_thread().name)
         return batch * 2
 
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    model = Doubler()
     worker = InferenceWorker(max_batch=4, wait_s=0.05)
     worker.start()
 
     async def run():
-        return await asyncio.gather(*(worker.encode(double, torch.tensor([float(i)])) for i in range(10)))
+        # a fresh bound method per call, as `encoder.encode_images` is in the backend
+        return await asyncio.gather(*(worker.encode(model.encode, torch.tensor([float(i)]))
+                                      for i in range(10)))
 
     try:
         rows = asyncio.run(run())
     finally:
         worker.stop(5)
     assert [row.item() for row in rows] == [2.0 * i for i in range(10)]
-    assert max(seen_batches) == 4 and sum(seen_batches) == 10 and len(seen_batches) < 10
-    assert threads == {"inference"}
+    assert max(model.batches) == 4 and sum(model.batches) == 10 and len(model.batches) < 10
+    assert model.threads == {"inference"}
 
 
 def test_calls_run_on_the_worker_and_errors_reach_every_waiter():
