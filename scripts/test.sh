@@ -23,6 +23,6 @@ if [ ! -x "$LABEL_STUDIO_VENV/bin/label-studio" ]; then
   "$LABEL_STUDIO_VENV/bin/python" -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION"
 fi
 
-.venv/bin/ruff check backend tests scripts
+.venv/bin/ruff check backend tests scripts bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

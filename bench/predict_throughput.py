@@ -1,0 +1,127 @@
+"""End-to-end /predict throughput as a ratio of the encoder's own, measured in one run.
+
+    python bench/predict_throughput.py [--model ViT-B-32] [--images 32] [--megapixels 0.3 12]
+
+For each image size it measures, on the same model and batch size:
+  encoder   images/s of `encode_images` on already-preprocessed tensors (the ceiling);
+  backend   images/s of the real /predict over loopback HTTP (download, decode, preprocess,
+            batched encode, score, format), text embeddings already cached;
+  naive     images/s of a loop in the style of the official examples: sequential download,
+            full decode, one image per forward pass, label prompts encoded per request.
+Weights are random (same FLOPs as the real ones); no network is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.config import load_settings  # noqa: E402
+from backend.server import create_app  # noqa: E402
+from tests.support.backend_server import BackendThread  # noqa: E402
+from tests.support.http_server import LoopbackServer, Route  # noqa: E402
+
+LABELS = ["cat", "dog", "car", "tree", "house", "person", "bicycle", "boat"]
+CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
+          + "".join(f'<Choice value="{label}"/>' for label in LABELS) + "</Choices></View>")
+
+
+def photo_like_jpeg(megapixels: float, seed: int) -> bytes:
+    """Smooth gradients and shapes: compresses like a photo, unlike noise."""
+    width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
+    height = int(width * 3 / 4)
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    base = (rng.uniform(40, 200, 3) * (0.6 + 0.4 * ramp)).astype(np.float32)
+    image = Image.fromarray(np.broadcast_to(base, (height, width, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(width // 20, width // 5))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def encoder_only(model, images: list[bytes], batch: int) -> float:
+    from backend.decode import decode_image
+
+    encoder = model.encoder
+    decoded = [decode_image(data, max_pixels=10**9) for data in images]
+    pixels = torch.stack([encoder.preprocess(image) for image in decoded])
+    started = time.perf_counter()
+    for start in range(0, len(pixels), batch):
+        encoder.encode_images(pixels[start:start + batch])
+    return len(images) / (time.perf_counter() - started)
+
+
+def backend_predict(url: str, urls: list[str]) -> float:
+    tasks = [{"id": i, "data": {"image": u}} for i, u in enumerate(urls)]
+    started = time.perf_counter()
+    body = {"tasks": tasks, "label_config": CONFIG}
+    response = httpx.post(url + "/predict", json=body, timeout=600)
+    elapsed = time.perf_counter() - started
+    assert all("result" in r for r in response.json()["results"]), response.text[:500]
+    return len(urls) / elapsed
+
+
+def naive_loop(model, urls: list[str]) -> float:
+    encoder = model.encoder
+    started = time.perf_counter()
+    with torch.inference_mode():
+        texts = [f"a photo of a {label}." for label in LABELS]
+        text = encoder.model.encode_text(encoder.tokenizer(texts), normalize=True)  # per request
+        for url in urls:
+            data = httpx.get(url, timeout=60).content
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            features = encoder.model.encode_image(encoder.preprocess(image)[None], normalize=True)
+            (100 * features @ text.T).softmax(dim=-1)
+    return len(urls) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--megapixels", type=float, nargs="+", default=[0.3, 12.0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians shown")
+    args = parser.parse_args()
+    settings = load_settings(MODEL_NAME=args.model, MODEL_PRETRAINED="none", BATCH_SIZE=args.batch,
+                             TEMPLATES="photo", LOG_LEVEL="WARNING")
+    print(f"model {args.model} (random weights), batch {args.batch}, torch threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    with BackendThread(create_app(settings)) as backend, LoopbackServer() as server:
+        backend.wait_model()
+        model = backend.app.state.model
+        for megapixels in args.megapixels:
+            images = [photo_like_jpeg(megapixels, seed) for seed in range(args.images)]
+            urls = [server.add(f"/{megapixels}/{i}.jpg", Route(data, content_type="image/jpeg"))
+                    for i, data in enumerate(images)]
+            backend_predict(backend.url, urls[:16])  # warm-up: first forward passes are slow
+            runs = [(encoder_only(model, images, args.batch), backend_predict(backend.url, urls),
+                     naive_loop(model, urls)) for _ in range(args.repeat)]
+            ceiling, served, naive = (float(np.median(column)) for column in zip(*runs))
+            size_kb = sum(map(len, images)) / len(images) / 1024
+            print(f"{megapixels:>5} MP ({size_kb:,.0f} KB/image): encoder {ceiling:6.1f} img/s | "
+                  f"backend {served:6.1f} img/s = {served / ceiling:.2f} x encoder | "
+                  f"naive {naive:6.1f} img/s -> backend = {served / naive:.2f} x naive")
+
+
+if __name__ == "__main__":
+    main()
