@@ -28,7 +28,7 @@ from .config import Settings
 from .decode import decode_image
 from .encoder import Encoder, ModelSpec, load_encoder
 from .errors import BackendError, ImageRefused, ModelUnavailable, TaskError
-from .images import ImageFetcher
+from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
 from .labelstudio import LabelStudioAccess
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
@@ -224,7 +224,7 @@ class ZeroShotModel:
         metrics.IMAGES_ENCODED.inc()
         return row
 
-    def _pixels(self, encoder: Encoder, fetched: Any) -> torch.Tensor:
+    def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
         image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
                              draft_size=encoder.input_size, content_type=fetched.content_type)
         return encoder.preprocess(image)
