@@ -1,17 +1,26 @@
 """Command line: `python -m backend <command>` (or the `clip-backend` script).
 
-    serve     start the ML backend server (port 9090 by default)
+    serve                start the ML backend server (port 9090 by default)
+    export corrections   write the corrections dataset (JSONL, CSV or Parquet)
+    export summary       print the model-vs-human summary (JSON)
+
+Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import Settings, load_settings
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
+from .export import ExportError, correction_rows, export_corrections, summary
+from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -41,7 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 9090)")
     serve.add_argument("--workers", type=int, help="server processes (default: WORKERS or 1)")
     serve.set_defaults(run=_serve)
+    _export_parser(commands.add_parser("export", help="export the corrections log"))
     return parser
+
+
+def _export_parser(export: argparse.ArgumentParser) -> None:
+    kinds = export.add_subparsers(dest="kind", required=True, metavar="{corrections,summary}")
+    rows = kinds.add_parser("corrections", help="the corrections dataset, one row per "
+                            "annotation and control")
+    rows.add_argument("--format", choices=("jsonl", "csv", "parquet"),
+                      help="default: from --output's suffix (.csv, .parquet), else jsonl")
+    rows.add_argument("--output", "-o", type=Path, metavar="FILE",
+                      help="file to write (default: stdout; required for parquet)")
+    rows.add_argument("--only-changed", action="store_true",
+                      help="only controls the annotator changed, added or removed")
+    rows.add_argument("--include-deleted", action="store_true",
+                      help="include annotations deleted in Label Studio")
+    rows.add_argument("--embeddings", action="store_true",
+                      help="add image embeddings (parquet column, or a .npy next to --output)")
+    rows.set_defaults(run=_export, export=_write_corrections)
+    summary = kinds.add_parser("summary", help="model-vs-human summary as JSON")
+    summary.set_defaults(run=_export, export=_print_summary)
+    for command in (rows, summary):
+        command.add_argument("--project", metavar="ID",
+                             help="Label Studio project id (default: all)")
+        command.add_argument("--since", metavar="WHEN",
+                             help="annotations updated since: ISO 8601 date/time (UTC unless "
+                             "it says) or epoch seconds")
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -58,3 +93,61 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=60,
     )
     return 0
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        store = _existing_store(settings)
+        try:
+            args.export(store, settings, args)
+        finally:
+            store.close()
+    except (ConfigError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreUnavailable, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _existing_store(settings: Settings) -> Store:
+    """The backend's store; never a new, empty one created by mistake."""
+    path = settings.MODEL_DIR / "store.sqlite3"
+    if not settings.REDIS_URL and not path.is_file():
+        raise ConfigError(f"no corrections store at {path}: set MODEL_DIR to the backend's "
+                          "MODEL_DIR, or REDIS_URL to its Redis")
+    store = open_store(settings)
+    store.ping()
+    return store
+
+
+def _write_corrections(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    fmt = args.format or {".csv": "csv", ".parquet": "parquet"}.get(
+        args.output.suffix.lower() if args.output else "", "jsonl")
+    if fmt == "parquet" and args.output is None:
+        raise ExportError("--format parquet needs --output FILE (Parquet is not streamed)")
+    try:
+        stats = export_corrections(
+            store, args.output or sys.stdout.buffer, fmt, project=args.project,
+            since=args.since, only_changed=args.only_changed,
+            include_deleted=args.include_deleted, embeddings=args.embeddings,
+            model_label=_model_label(settings) if args.embeddings else None)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    print(f"exported {stats.rows} rows ({stats.annotations} annotations, {stats.embeddings} "
+          f"with embeddings) to {', '.join(stats.files) or 'stdout'}", file=sys.stderr)
+
+
+def _model_label(settings: Settings) -> str:
+    """The served model's identity (as in embedding keys), from the settings alone."""
+    from .encoder import ModelSpec
+
+    return ModelSpec.from_settings(settings).label()
+
+
+def _print_summary(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    rows = correction_rows(store, project=args.project, since=args.since)
+    print(json.dumps(summary(rows), indent=2, ensure_ascii=False))

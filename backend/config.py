@@ -102,7 +102,16 @@ class Settings(BaseSettings):
         None, description="redis://host:port/db; without it an embedded store in MODEL_DIR is used."
     )
     MODEL_DIR: Path = Field(
-        Path(".model-dir"), description="Directory for local state (embedded store, caches)."
+        Path(".model-dir"),
+        description="Directory for local state: the embedded store (no REDIS_URL) and the "
+        "spool that keeps corrections while Redis is unreachable.",
+    )
+    STORE_PREFIX: str = Field(
+        "clip-backend", min_length=1, description="Prefix of every Redis key this backend writes."
+    )
+    REDIS_TIMEOUT_S: float = Field(
+        0.5, gt=0,
+        description="Redis connect/read timeout in seconds; past it, corrections are spooled.",
     )
 
     # --- server ----------------------------------------------------------------------------

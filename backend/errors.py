@@ -7,6 +7,7 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── ConfigError            a setting is missing or invalid (names the variable to set)
     ├── LabelConfigError       the project's label config has nothing this backend can predict
     ├── ModelUnavailable       the model is still loading, or failed to load (says why)
+    ├── StoreUnavailable       Redis cannot be reached (writes are spooled, nothing is lost)
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -31,6 +32,10 @@ class LabelConfigError(BackendError):
 
 class ModelUnavailable(BackendError):
     """The model is not ready: still loading, or loading failed (the message says why)."""
+
+
+class StoreUnavailable(BackendError):
+    """The store cannot be reached right now; durable writes go to the local spool."""
 
 
 class TaskError(BackendError):

@@ -15,6 +15,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -23,6 +24,17 @@ from .errors import FetchError
 
 REFRESH_MARGIN_S = 30.0
 """Refresh a PAT's access token this long before it expires."""
+
+
+def project_key(project: Any) -> str | None:
+    """Label Studio sends the project as "3.1700000000" in /setup and /predict, 3 or {"id": 3}
+    in webhooks; all of them mean project 3."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or isinstance(project, bool):
+        return None
+    text = str(project).split(".")[0].strip()
+    return text or None
 
 
 def origin(url: str) -> tuple[str, str, int | None]:

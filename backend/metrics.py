@@ -20,6 +20,11 @@ PROMPTS_ENCODED = Counter("backend_prompts_encoded_total", "Prompts run through 
 TEXT_CACHE = Counter(
     "backend_text_cache_lookups_total", "Prompt embedding lookups, by hit or miss", ["result"]
 )
+CORRECTIONS = Counter("backend_corrections_logged_total", "Annotation events logged")
+EMBEDDING_CACHE = Counter(
+    "backend_embedding_cache_lookups_total", "Image embedding lookups, by hit or miss", ["result"]
+)
+SPOOLED = Gauge("backend_spooled_entries", "Log entries waiting in the local spool for the store")
 WEBHOOKS = Counter("backend_webhook_events_total", "Webhook events received, by action", ["action"])
 MODEL_LOAD_SECONDS = Gauge("backend_model_load_seconds", "Time the model took to load")
 MODEL_READY = Gauge("backend_model_ready", "1 once the model is loaded and serving")

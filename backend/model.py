@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +28,22 @@ from .batching import InferenceWorker
 from .config import Settings
 from .decode import decode_image
 from .encoder import Encoder, ModelSpec, load_encoder
-from .errors import BackendError, ImageRefused, ModelUnavailable, TaskError
+from .errors import BackendError, ImageRefused, ModelUnavailable, StoreUnavailable, TaskError
+from .feedback import Entry, entries_from_webhook, prediction_entry
 from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
-from .labelstudio import LabelStudioAccess
+from .labelstudio import LabelStudioAccess, project_key
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
 from .prompts import plan_prompts, prompt_set_hash
 from .scoring import Head, build_head, ensemble, probabilities
+from .store import Store, embedding_key, open_store
+from .store.journal import Journal
 from .text_embeddings import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
 
+LAZY_EMBEDDINGS_IN_FLIGHT = 4
+"""Images of corrected-but-never-predicted tasks embedded at once, in the background."""
 HEAD_CACHE_SIZE = 256
 MAX_VERSIONS_KEPT = 100
 LOAD_WAIT_S = 90.0
@@ -63,16 +69,28 @@ class ProjectContext:
     heads: tuple[Head, ...]
     model_version: str
     ls: LabelStudioAccess | None
+    project: str | None = None
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """An image's embedding and the store key it is cached under."""
+
+    vector: torch.Tensor
+    key: str
 
 
 class ZeroShotModel:
     """Zero-shot image classifier speaking Label Studio's ML-backend protocol."""
 
     def __init__(self, settings: Settings, encoder: Encoder | None = None,
-                 fetcher: ImageFetcher | None = None) -> None:
+                 fetcher: ImageFetcher | None = None, store: Store | None = None) -> None:
         self.settings = settings
         self.spec = ModelSpec.from_settings(settings)
         self.model_label = self.spec.label()  # the weights as loaded, even if the file changes
+        # random weights differ in every process: their embeddings must never be reused
+        self.embedding_model = self.model_label + (f"#{uuid.uuid4().hex[:8]}"
+                                                  if self.spec.random_weights else "")
         self.status = ModelState()
         self.encoder: Encoder | None = encoder
         self.worker = InferenceWorker(self._max_batch(), settings.BATCH_WAIT_MS / 1000)
@@ -84,10 +102,19 @@ class ZeroShotModel:
         self._building: dict[str, asyncio.Future[Head]] = {}
         self._projects: dict[str, LabelStudioAccess] = {}
         self._versions: OrderedDict[str, None] = OrderedDict()
+        self.store = store or open_store(settings)
+        self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
+        self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start the inference thread and load the model on it, in the background."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # started outside an event loop: no background embedding
+            self._loop = None
+        self.journal.start()
         self.worker.start()
         if self.encoder is not None:
             self._mark_ready(0.0)
@@ -120,6 +147,8 @@ class ZeroShotModel:
         await asyncio.to_thread(self.worker.stop, 30.0)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         await self.fetcher.aclose()
+        await asyncio.to_thread(self.journal.stop)
+        self.store.close()
 
     async def wait_ready(self, timeout: float = LOAD_WAIT_S) -> Encoder:
         deadline = time.monotonic() + timeout
@@ -192,19 +221,22 @@ class ZeroShotModel:
         encoder = await self.wait_ready()
         heads = [await self._head(space, encoder) for space in parsed.spaces]
         ls = self.label_studio(project)
-        return ProjectContext(parsed, tuple(heads), self.model_version(parsed), ls)
+        return ProjectContext(parsed, tuple(heads), self.model_version(parsed), ls,
+                              project_key(project))
 
     async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
                       label_config: str, project: Any = None) -> list[dict[str, Any]]:
         """One Label Studio prediction per task, in order. A failing task gets an empty one."""
         ctx = await self.context(label_config, project)
         embeddings = await self._embed_tasks(tasks, ctx)
-        return [self._predict_task(task, embeddings, ctx) for task in tasks]
+        results = [self._predict_task(task, embeddings, ctx) for task in tasks]
+        await self._record_predictions(tasks, results, embeddings, ctx)
+        return results
 
     async def _embed_tasks(self, tasks: Sequence[Task],
-                           ctx: ProjectContext) -> dict[str, torch.Tensor | BaseException]:
+                           ctx: ProjectContext) -> dict[str, Embedded | BaseException]:
         """Embedding (or the error) of every distinct image reference the tasks use."""
-        jobs: dict[str, asyncio.Task[torch.Tensor]] = {}
+        jobs: dict[str, asyncio.Task[Embedded]] = {}
         for task in tasks:
             for space in ctx.parsed.spaces:
                 ref = _image_ref(task, space)
@@ -214,15 +246,34 @@ class ZeroShotModel:
         return dict(zip(jobs, done))
 
     async def _embed(self, ref: str, task_id: int | None,
-                     ls: LabelStudioAccess | None) -> torch.Tensor:
+                     ls: LabelStudioAccess | None) -> Embedded:
+        """Fetch the image; reuse its cached embedding (same bytes, same model) or encode it."""
         encoder = self.encoder
         assert encoder is not None
         fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
+        key = embedding_key(self.embedding_model, fetched.data)
+        cached = await self._cache(self.store.get_embedding, key)
+        if cached is not None:
+            metrics.EMBEDDING_CACHE.labels("hit").inc()
+            return Embedded(torch.from_numpy(cached), key)
+        metrics.EMBEDDING_CACHE.labels("miss").inc()
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
         row = await self.worker.encode(encoder.encode_images, pixels)
         metrics.IMAGES_ENCODED.inc()
-        return row
+        await self._cache(self.store.put_embedding, key, row.numpy(), ref)
+        return Embedded(row, key)
+
+    async def _cache(self, call: Any, *args: Any) -> Any:
+        """The embedding cache is an optimisation: when the store is down, carry on without.
+        While the journal is spooling, the store is known to be down: don't wait for it."""
+        if self.journal.pending:
+            return None
+        try:
+            return await asyncio.to_thread(call, *args)
+        except StoreUnavailable as exc:
+            log.debug("embedding cache unavailable: %s", exc)
+            return None
 
     def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
         image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
@@ -237,10 +288,10 @@ class ZeroShotModel:
         for space, head in zip(ctx.parsed.spaces, ctx.heads):
             ref = _image_ref(task, space)
             found = embeddings.get(ref) if isinstance(ref, str) else ref
-            if not isinstance(found, torch.Tensor):
+            if not isinstance(found, Embedded):
                 failed.setdefault(_reason(task_id, found), []).append(space.name)
                 continue
-            probs = probabilities(head, found.unsqueeze(0))[0]
+            probs = probabilities(head, found.vector.unsqueeze(0))[0]
             rid = region_id(task_id, space.name, ctx.model_version)
             outcomes.append(decide(space, probs, head.scoring, self.settings.TOP_K, rid))
         reasons = [f"task {task_id}: {why} (controls: {', '.join(names)})"
@@ -278,23 +329,55 @@ class ZeroShotModel:
         return build_head(groups, plan.group_label, space, encoder.family,
                           encoder.logit_scale, encoder.logit_bias)
 
+    async def _record_predictions(self, tasks: Sequence[Task], results: list[dict[str, Any]],
+                                  embeddings: dict[str, Any], ctx: ProjectContext) -> None:
+        """Log what was proposed per task and control, for the corrections that follow."""
+        if ctx.project is None:
+            return
+        entries = []
+        for task, result in zip(tasks, results):
+            if "result" not in result:
+                continue
+            images: dict[str, dict[str, str | None]] = {}
+            for space in ctx.parsed.spaces:
+                ref = _image_ref(task, space)
+                found = embeddings.get(ref) if isinstance(ref, str) else None
+                if isinstance(ref, str) and isinstance(found, Embedded):
+                    images[space.name] = {"image_ref": ref, "embedding_key": found.key}
+            entries.append(prediction_entry(ctx.project, _task_id(task), result, images))
+        await asyncio.to_thread(self.journal.write, entries)
+
     # --- fit ---------------------------------------------------------------------------------
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Receive a Label Studio event. Corrections are persisted by the corrections log."""
+        """Receive a Label Studio event: annotation events go to the corrections log, durably
+        (in the store, or spooled) before this returns. Call it off the event loop."""
         metrics.WEBHOOKS.labels(event if event.isupper() and len(event) < 64 else "other").inc()
-        log.info("event %s for project %s", event, project_key(data.get("project")))
-        return {"status": "ok", "event": event}
+        entries = entries_from_webhook(data)
+        self.journal.write(entries)
+        metrics.CORRECTIONS.inc(sum(entry.kind == "annotation" for entry in entries))
+        log.info("event %s for project %s: %d log entries", event,
+                 project_key(data.get("project")), len(entries))
+        if entries and self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.embed_corrected_images(entries), self._loop)
+        return {"status": "ok", "event": event, "recorded": len(entries)}
 
+    async def embed_corrected_images(self, entries: Sequence[Entry]) -> None:
+        """Embed the images of corrected tasks the backend never predicted (background)."""
+        for entry in entries:
+            if entry.kind != "annotation" or self.status.state != "ready":
+                continue
+            for ref in entry.data["images"].values():
+                known = await self._cache(self.store.embedding_key_for, self.embedding_model, ref)
+                if known is None:
+                    async with self._lazy:
+                        await self._embed_quietly(ref, entry)
 
-def project_key(project: Any) -> str | None:
-    """Label Studio sends the project as "3.1700000000" in /setup and /predict, 3 or {"id": 3}
-    in webhooks; all of them mean project 3."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    if project is None or isinstance(project, bool):
-        return None
-    text = str(project).split(".")[0].strip()
-    return text or None
+    async def _embed_quietly(self, ref: str, entry: Entry) -> None:
+        task_id = int(entry.data["task"]) if entry.data["task"].isdigit() else None
+        try:
+            await self._embed(ref, task_id, self.label_studio(entry.project))
+        except BackendError as exc:
+            log.warning("task %s: could not embed the corrected image: %s", task_id, exc)
 
 
 def _task_id(task: Task) -> int | None:

@@ -8,6 +8,7 @@
 | POST /webhook     | every project event; START_TRAINING from the Train button      | 1 s    |
 | GET /versions     | model versions this process has issued                         | 3 s    |
 | GET /metrics      | Prometheus scrape                                              | –      |
+| GET /export/...   | corrections dataset (JSONL, CSV, Parquet) and summary (JSON)   | –      |
 
 Handlers only parse and delegate to `ZeroShotModel`; the model runs on its own thread.
 """
@@ -16,21 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__, metrics
+from . import __version__, export, metrics
 from .config import Settings, load_settings
-from .errors import BackendError, LabelConfigError, ModelUnavailable, TaskError
+from .errors import BackendError, LabelConfigError, ModelUnavailable, StoreUnavailable, TaskError
+from .labelstudio import project_key
 from .model import ZeroShotModel
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
     (LabelConfigError, 422),
     (TaskError, 422),
     (ModelUnavailable, 503),
+    (StoreUnavailable, 503),
 )
 
 
@@ -119,7 +124,11 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
             return JSONResponse({"status": "error", "detail": "the body is not JSON"}, 400)
         if not isinstance(event, dict) or not isinstance(event.get("action"), str):
             return JSONResponse({"status": "error", "detail": "expected {\"action\": ...}"}, 400)
-        return JSONResponse(model.fit(event["action"], event))
+        try:
+            return JSONResponse(await asyncio.to_thread(model.fit, event["action"], event))
+        except OSError as exc:  # neither the store nor the local spool could take it
+            log.error("webhook %s NOT recorded: %s", event["action"], exc)
+            return JSONResponse({"status": "error", "detail": f"not recorded: {exc}"}, 503)
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
@@ -130,7 +139,59 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         metrics.INFERENCE_QUEUE.set(model.worker.pending)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    _add_export_routes(app, model)
     return app
+
+
+def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
+    """The corrections dataset and its summary, read from the store off the event loop."""
+
+    @app.get("/export/corrections")
+    async def export_rows(fmt: str = Query("jsonl", alias="format"), project: str | None = None,
+                          since: str | None = None, only_changed: bool = False,
+                          include_deleted: bool = False, embeddings: bool = False) -> Response:
+        export.check_format(fmt)
+        export.parse_since(since)  # a bad value is a 422 now, not a broken stream later
+        headers = {"Content-Disposition": f'attachment; filename="{_filename(project, fmt)}"'}
+        filters: dict[str, Any] = {"project": project, "since": since,
+                                   "only_changed": only_changed,
+                                   "include_deleted": include_deleted}
+        if fmt == "parquet":
+            body = await asyncio.to_thread(_parquet, model, filters, embeddings)
+            return Response(body, media_type=export.MEDIA_TYPES[fmt], headers=headers)
+        if embeddings:
+            raise export.ExportError("embeddings=true is supported only with format=parquet "
+                                     "over HTTP (JSONL and CSV carry them in a separate .npy: "
+                                     "use the CLI)")
+        rows = await asyncio.to_thread(_started, export.correction_rows(model.store, **filters))
+        chunks = export.jsonl_chunks(rows) if fmt == "jsonl" else export.csv_chunks(rows)
+        return StreamingResponse(chunks, media_type=export.MEDIA_TYPES[fmt], headers=headers)
+
+    @app.get("/export/summary")
+    async def export_summary(project: str | None = None,
+                             since: str | None = None) -> dict[str, Any]:
+        export.parse_since(since)
+        rows = export.correction_rows(model.store, project=project, since=since)
+        return await asyncio.to_thread(export.summary, rows)
+
+
+def _started(rows: Iterator[export.Row]) -> Iterator[export.Row]:
+    """Read the first row now, so a store that is down is a 503, not a truncated download."""
+    first = list(itertools.islice(rows, 1))
+    return itertools.chain(first, rows)
+
+
+def _parquet(model: ZeroShotModel, filters: dict[str, Any], embeddings: bool) -> bytes:
+    buffer = io.BytesIO()
+    export.export_corrections(model.store, buffer, "parquet", embeddings=embeddings,
+                              model_label=model.embedding_model, **filters)
+    return buffer.getvalue()
+
+
+def _filename(project: str | None, fmt: str) -> str:
+    key = project_key(project)
+    suffix = f"-project-{key}" if key and key.isascii() and key.isdigit() else ""
+    return f"corrections{suffix}.{fmt}"
 
 
 def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
@@ -178,4 +239,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.warning("%s %s → %d: %s", request.method, request.url.path, status, exc)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status)
 
+    async def bad_export(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, 422)
+
     app.add_exception_handler(BackendError, backend_error)
+    app.add_exception_handler(export.ExportError, bad_export)

@@ -28,7 +28,8 @@ def markdown() -> str:
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = "—" if field.default is None else f"`{field.default}`"
-        rows.append(f"| `{name}` | {default} | {field.description} |")
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {default} | {description} |")
     return "\n".join(rows)
 
 

@@ -2,11 +2,23 @@
 # Install everything the test suite needs and run it: the README's test command, and CI's.
 #   - the project in .venv (with its test extras)
 #   - Label Studio in its own virtualenv ($LABEL_STUDIO_VENV), for the end-to-end tests
+#   - redis-server, for the store tests (started and stopped by the test fixtures)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k images`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+# A real redis-server for the store tests (Debian/Ubuntu; elsewhere install it yourself).
+if ! command -v redis-server >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is required for the tests: install it (e.g. apt-get install redis-server)" >&2
+    exit 1
+  fi
+fi
+
 LABEL_STUDIO_VERSION=1.23.2
 export LABEL_STUDIO_VENV=${LABEL_STUDIO_VENV:-$HOME/.cache/clip-backend/label-studio-venv}
 export HF_HUB_OFFLINE=1   # tests never download weights

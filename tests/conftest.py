@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from backend.config import Settings, load_settings
 
 from .support.http_server import LoopbackServer
+from .support.redis_server import RedisServer
 from .support.tiny_models import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +25,11 @@ _SETTING_NAMES = set(Settings.model_fields)
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.upper() in _SETTING_NAMES:
             monkeypatch.delenv(name)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model-dir"))  # no state shared by tests
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +57,19 @@ def micro_clip():  # type: ignore[no-untyped-def]
 def loopback() -> Iterator[LoopbackServer]:
     with LoopbackServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (AOF on, fsync always)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
@@ -167,13 +168,44 @@ def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_stu
         hits += region["value"]["choices"][0] == expected[key]
     assert hits >= 9, f"{hits}/10 predictions match the image's label"
 
-    before = backend.counter("backend_webhook_events_total", action="ANNOTATION_CREATED")
-    client.create_annotation(tasks[0]["id"], [{"from_name": "animal", "to_name": "image", "type": "choices",
-                                               "value": {"choices": [LABELS[0]]}}])
-    assert wait_for(lambda: backend.counter("backend_webhook_events_total",
-                                            action="ANNOTATION_CREATED") == before + 1)
+    annotate_and_export(client, backend, project, tasks, version)
     client.train(ml_id)
     assert wait_for(lambda: backend.counter("backend_webhook_events_total", action="START_TRAINING") >= 1)
+
+
+def choice(label: str) -> list[dict]:
+    return [{"from_name": "animal", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+
+
+def annotate_and_export(client, backend: BackendProcess, project: int, tasks: list[dict], version: str) -> None:
+    """One annotator accepts a proposal, one changes it, one annotates and then deletes."""
+    proposed = {t["id"]: t["predictions"][0]["result"][0]["value"]["choices"][0] for t in tasks}
+    accept, change, delete = (t["id"] for t in tasks[:3])
+    different = next(label for label in LABELS if label != proposed[change])
+    before = backend.counter("backend_corrections_logged_total")
+    client.create_annotation(accept, choice(proposed[accept]))
+    client.create_annotation(change, choice(different))
+    doomed = client.create_annotation(delete, choice(proposed[delete]))
+    client.delete_annotation(doomed["id"])
+    assert wait_for(lambda: backend.counter("backend_corrections_logged_total") == before + 3)
+
+    def export(**params) -> list[dict]:
+        response = httpx.get(backend.url + "/export/corrections", timeout=30,
+                             params={"format": "jsonl", "project": project, **params})
+        assert response.status_code == 200, response.text
+        return [json.loads(line) for line in response.text.splitlines() if line]
+
+    assert wait_for(lambda: len(export(include_deleted="true")) == 3)
+    rows = {row["task"]: row for row in export()}
+    assert set(rows) == {str(accept), str(change)}  # the deleted annotation is not exported
+    assert rows[str(accept)]["status"] == "accepted" and rows[str(accept)]["final"] == [proposed[accept]]
+    assert rows[str(change)]["status"] == "changed"
+    assert rows[str(change)]["predicted"] == [proposed[change]] and rows[str(change)]["final"] == [different]
+    for row in rows.values():
+        assert row["model_version"] == version and row["annotator"] == 1 and row["control"] == "animal"
+        assert row["top_k"] and row["image_ref"] and row["embedding_key"]
+    (gone,) = [r for r in export(include_deleted="true") if r["task"] == str(delete)]
+    assert gone["deleted_at"] is not None
 
 
 def test_uploaded_images_fetch_with_legacy_token_and_personal_access_token(label_studio, pat, tmp_path):

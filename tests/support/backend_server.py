@@ -16,7 +16,9 @@ class BackendThread:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on TCP-protocol
+        # sockets; without it every keep-alive response waits ~40 ms for a delayed ACK
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
         config = uvicorn.Config(app, log_level="warning", lifespan="on")

@@ -1,0 +1,113 @@
+"""Where corrections, issued predictions and image embeddings live.
+
+`Store` is the contract; `RedisStore` (store/redis.py, when REDIS_URL is set: shared by every
+replica and worker) and `SqliteStore` (store/sqlite.py, embedded in MODEL_DIR: zero services)
+implement it, and the same contract tests run against both. `Journal` (store/journal.py)
+wraps either with a local spool so a store outage never loses a write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import Settings
+from ..feedback import Entry, build_correction, timestamp
+
+Record = dict[str, Any]
+Vector = npt.NDArray[np.float32]
+
+
+class Store(Protocol):
+    def apply(self, entry: Entry) -> bool:
+        """Apply one log entry; False if its key was applied before (idempotent)."""
+        ...
+
+    def events(self) -> Iterator[Record]:
+        """The annotation event log, oldest first: every distinct event, each once."""
+        ...
+
+    def corrections(self, project: str | None = None) -> Iterator[Record]:
+        """Current correction records (deleted ones included, with `deleted_at`)."""
+        ...
+
+    def prediction(self, project: str, task: str) -> Record | None:
+        """The latest prediction issued for a task."""
+        ...
+
+    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None: ...
+    def get_embedding(self, key: str) -> Vector | None: ...
+    def embedding_key_for(self, model: str, image_ref: str) -> str | None: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def embedding_key(model: str, content: bytes) -> str:
+    """Key of an image embedding: the model's identity and the image bytes' SHA-256."""
+    return f"{model}|{hashlib.sha256(content).hexdigest()}"
+
+
+def ref_key(model: str, image_ref: str) -> str:
+    return f"{model}|{hashlib.sha1(image_ref.encode()).hexdigest()}"
+
+
+def pack(vector: Vector) -> bytes:
+    """Embeddings are stored as float16: half the bytes, far below the model's own precision."""
+    return np.asarray(vector, dtype=np.float16).tobytes()
+
+
+def unpack(data: bytes) -> Vector:
+    return np.frombuffer(data, dtype=np.float16).astype(np.float32)
+
+
+class BaseStore(ABC):
+    """The logic both stores share; subclasses make each step atomic in their own way."""
+
+    def apply(self, entry: Entry) -> bool:
+        if entry.kind == "prediction":
+            return self._put_prediction(entry)
+        if entry.kind == "deletion":
+            return self._commit_deletion(entry, entry.data["annotations"])
+        prediction = self.prediction(entry.project, entry.data["task"])
+        record = build_correction(entry, prediction)
+        return self._commit_annotation(entry, record, timestamp(entry.data["updated_at"]))
+
+    @staticmethod
+    def log_event(entry: Entry) -> str:
+        """The event as the log keeps it."""
+        return json.dumps({"key": entry.key, "kind": entry.kind, "project": entry.project,
+                           "received_at": entry.received_at, **entry.data},
+                          sort_keys=True, ensure_ascii=False)
+
+    @abstractmethod
+    def _put_prediction(self, entry: Entry) -> bool: ...
+
+    @abstractmethod
+    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+        """Atomically: skip if `entry.key` was seen; log it; replace the annotation's record
+        unless the stored one is newer or deleted."""
+
+    @abstractmethod
+    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+        """Atomically: skip if seen; log it; mark the annotations' records deleted."""
+
+    @abstractmethod
+    def prediction(self, project: str, task: str) -> Record | None: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """Redis when REDIS_URL is set, else the embedded SQLite store in MODEL_DIR."""
+    if settings.REDIS_URL:
+        from .redis import RedisStore
+
+        return RedisStore(settings.REDIS_URL, prefix=settings.STORE_PREFIX,
+                          timeout_s=settings.REDIS_TIMEOUT_S)
+    from .sqlite import SqliteStore
+
+    return SqliteStore(settings.MODEL_DIR / "store.sqlite3")

@@ -1,0 +1,53 @@
+"""Every Redis key this backend writes, built here and nowhere else.
+
+With the default prefix `clip-backend` (STORE_PREFIX):
+
+    clip-backend:log                                stream  the annotation event log, in order
+    clip-backend:seen                               set     idempotency keys of logged events
+    clip-backend:correction:{annotation}            hash    record (JSON), updated_ts, deleted_at
+    clip-backend:corrections:{project}              zset    a project's annotation ids by updated_ts
+    clip-backend:corrections                        zset    all annotation ids by updated_ts
+    clip-backend:task-annotations:{project}:{task}  set     annotation ids of one task
+    clip-backend:prediction:{project}:{task}        string  latest issued prediction (JSON)
+    clip-backend:embedding:{model}|{sha256}         string  image embedding, float16 bytes
+    clip-backend:image:{model}|{sha1(ref)}          string  embedding key of the image at a ref
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "clip-backend"
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def log(self) -> str:
+        return self._key("log")
+
+    def seen(self) -> str:
+        return self._key("seen")
+
+    def correction(self, annotation: str) -> str:
+        return self._key("correction", annotation)
+
+    def corrections(self, project: str) -> str:
+        return self._key("corrections", project)
+
+    def corrections_all(self) -> str:
+        return self._key("corrections")
+
+    def task_annotations(self, project: str, task: str) -> str:
+        return self._key("task-annotations", project, task)
+
+    def prediction(self, project: str, task: str) -> str:
+        return self._key("prediction", project, task)
+
+    def embedding(self, key: str) -> str:
+        return self._key("embedding", key)
+
+    def image(self, key: str) -> str:
+        return self._key("image", key)

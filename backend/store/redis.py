@@ -1,0 +1,138 @@
+"""The Redis store, shared by every backend replica and worker. Key layout: store/keys.py.
+
+Each log write is one Lua script, so "seen before?", "append to the log" and "update the
+current record" happen atomically: a retry after an ambiguous failure (the reply was lost,
+the write was not) is recognised by its key and changes nothing.
+
+Run Redis with persistence (`appendonly yes`, `appendfsync always` for no loss even if Redis
+itself is killed; `everysec` risks the last second).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from ..errors import StoreUnavailable
+from ..feedback import Entry
+from . import BaseStore, Record, Vector, pack, ref_key, unpack
+from .keys import Keys
+
+_COMMIT_ANNOTATION = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+local current = redis.call('HMGET', KEYS[3], 'updated_ts', 'deleted_at')
+if current[2] or (current[1] and tonumber(current[1]) > tonumber(ARGV[4])) then return 1 end
+redis.call('HSET', KEYS[3], 'record', ARGV[3], 'updated_ts', ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+redis.call('SADD', KEYS[6], ARGV[5])
+return 1
+"""
+
+_COMMIT_DELETION = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 and not redis.call('HGET', KEYS[i], 'deleted_at') then
+    redis.call('HSET', KEYS[i], 'deleted_at', ARGV[3])
+  end
+end
+return 1
+"""
+
+_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+           redis.ReadOnlyError)
+
+
+class RedisStore(BaseStore):
+    def __init__(self, url: str, *, prefix: str = "clip-backend", timeout_s: float = 0.5,
+                 client: redis.Redis | None = None) -> None:
+        self.url = url
+        self.keys = Keys(prefix)
+        self._redis = client or redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            health_check_interval=30)
+        self._annotation = self._redis.register_script(_COMMIT_ANNOTATION)
+        self._deletion = self._redis.register_script(_COMMIT_DELETION)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"Redis at {self._where()} is unreachable "
+                                   f"({type(exc).__name__}: {exc})") from None
+
+    def _where(self) -> str:
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
+
+    def _put_prediction(self, entry: Entry) -> bool:
+        record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
+        self._call(self._redis.set, self.keys.prediction(entry.project, entry.data["task"]), record)
+        return True
+
+    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+        k = self.keys
+        annotation, project = record["annotation"], entry.project
+        keys = [k.seen(), k.log(), k.correction(annotation), k.corrections(project),
+                k.corrections_all(), k.task_annotations(project, record["task"])]
+        args = [entry.key, self.log_event(entry), json.dumps(record, ensure_ascii=False),
+                repr(updated), annotation]
+        return bool(self._call(self._annotation, keys=keys, args=args))
+
+    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+        keys = [self.keys.seen(), self.keys.log(), *map(self.keys.correction, annotations)]
+        args = [entry.key, self.log_event(entry), repr(entry.received_at)]
+        return bool(self._call(self._deletion, keys=keys, args=args))
+
+    def events(self) -> Iterator[Record]:
+        last = "-"
+        while True:
+            batch = self._call(self._redis.xrange, self.keys.log(), min=last, count=1000)
+            for stream_id, fields in batch:
+                if stream_id.decode() != last:
+                    yield json.loads(fields[b"event"])
+            if len(batch) < 1000:
+                return
+            last = batch[-1][0].decode()
+
+    def corrections(self, project: str | None = None) -> Iterator[Record]:
+        index = self.keys.corrections(project) if project else self.keys.corrections_all()
+        annotations = self._call(self._redis.zrange, index, 0, -1)
+        for start in range(0, len(annotations), 500):
+            pipe = self._redis.pipeline(transaction=False)
+            for annotation in annotations[start:start + 500]:
+                pipe.hmget(self.keys.correction(annotation.decode()), "record", "deleted_at")
+            for record, deleted_at in self._call(pipe.execute):
+                if record is not None:
+                    yield {**json.loads(record),
+                           "deleted_at": float(deleted_at) if deleted_at else None}
+
+    def prediction(self, project: str, task: str) -> Record | None:
+        raw = self._call(self._redis.get, self.keys.prediction(project, task))
+        return json.loads(raw) if raw else None
+
+    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self.keys.embedding(key), pack(vector))
+        if image_ref is not None:
+            pipe.set(self.keys.image(ref_key(key.split("|", 1)[0], image_ref)), key)
+        self._call(pipe.execute)
+
+    def get_embedding(self, key: str) -> Vector | None:
+        raw = self._call(self._redis.get, self.keys.embedding(key))
+        return unpack(raw) if raw else None
+
+    def embedding_key_for(self, model: str, image_ref: str) -> str | None:
+        raw = self._call(self._redis.get, self.keys.image(ref_key(model, image_ref)))
+        return raw.decode() if raw else None
+
+    def ping(self) -> None:
+        self._call(self._redis.ping)
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,158 @@
+"""The embedded store: one SQLite file in MODEL_DIR, so the backend runs with zero services.
+
+Tables:
+    log          the annotation event log; `seq` gives the order, `key` makes it idempotent
+    corrections  the current record of each annotation (`updated_ts`: LS's updated_at)
+    predictions  the latest prediction issued per (project, task)
+    embeddings   image embeddings (float16) by content key
+    images       image reference → embedding key, per model
+
+WAL journal with `synchronous=FULL`: a write acknowledged to Label Studio survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import StoreUnavailable
+from ..feedback import Entry
+from . import BaseStore, Record, Vector, pack, ref_key, unpack
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+    project TEXT NOT NULL, event TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS corrections (
+    annotation TEXT PRIMARY KEY, project TEXT NOT NULL, task TEXT NOT NULL,
+    updated_ts REAL NOT NULL, deleted_at REAL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS corrections_by_project ON corrections (project, updated_ts);
+CREATE TABLE IF NOT EXISTS predictions (
+    project TEXT NOT NULL, task TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, task));
+CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, embedding_key TEXT NOT NULL);
+"""
+
+
+class SqliteStore(BaseStore):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the embedded store {path}: {exc}; check that "
+                                   "MODEL_DIR is writable") from None
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> int:
+        """Run statements in one transaction; return the first statement's rowcount."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                first = self._db.execute(*statements[0]).rowcount
+                if first:
+                    for statement in statements[1:]:
+                        self._db.execute(*statement)
+                self._db.execute("COMMIT")
+                return first
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+
+    def _put_prediction(self, entry: Entry) -> bool:
+        record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
+        return bool(self._write([(
+            "INSERT INTO predictions VALUES (?, ?, ?) ON CONFLICT (project, task) "
+            "DO UPDATE SET record = excluded.record",
+            (entry.project, entry.data["task"], record))]))
+
+    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+        return bool(self._write([
+            ("INSERT OR IGNORE INTO log (key, project, event) VALUES (?, ?, ?)",
+             (entry.key, entry.project, self.log_event(entry))),
+            ("INSERT INTO corrections VALUES (?, ?, ?, ?, NULL, ?) ON CONFLICT (annotation) "
+             "DO UPDATE SET record = excluded.record, updated_ts = excluded.updated_ts "
+             "WHERE corrections.deleted_at IS NULL "
+             "AND excluded.updated_ts >= corrections.updated_ts",
+             (record["annotation"], entry.project, record["task"], updated,
+              json.dumps(record, ensure_ascii=False))),
+        ]))
+
+    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+        marks = [("UPDATE corrections SET deleted_at = ? "
+                  "WHERE annotation = ? AND deleted_at IS NULL",
+                  (entry.received_at, annotation)) for annotation in annotations]
+        return bool(self._write([
+            ("INSERT OR IGNORE INTO log (key, project, event) VALUES (?, ?, ?)",
+             (entry.key, entry.project, self.log_event(entry))), *marks]))
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+
+    def _scan(self, sql: str, args: tuple[object, ...] = ()) -> Iterator[tuple[object, ...]]:
+        """Stream a large read on a connection of its own: WAL lets it run beside the writer,
+        so an export never holds up a webhook, and rows arrive in batches, not all at once."""
+        try:
+            reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+        try:
+            cursor = reader.execute(sql, args)
+            while batch := cursor.fetchmany(500):
+                yield from batch
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+        finally:
+            reader.close()
+
+    def events(self) -> Iterator[Record]:
+        for (event,) in self._scan("SELECT event FROM log ORDER BY seq"):
+            yield json.loads(str(event))
+
+    def corrections(self, project: str | None = None) -> Iterator[Record]:
+        where, args = ("", ()) if project is None else ("WHERE project = ?", (project,))
+        for record, deleted_at in self._scan(
+                f"SELECT record, deleted_at FROM corrections {where} "
+                "ORDER BY updated_ts, annotation", args):
+            yield {**json.loads(str(record)), "deleted_at": deleted_at}
+
+    def prediction(self, project: str, task: str) -> Record | None:
+        rows = self._read("SELECT record FROM predictions WHERE project = ? AND task = ?",
+                          (project, task))
+        return json.loads(str(rows[0][0])) if rows else None
+
+    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
+        statements: list[tuple[str, tuple[object, ...]]] = [
+            ("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", (key, pack(vector)))]
+        if image_ref is not None:
+            model = key.split("|", 1)[0]
+            statements.append(("INSERT OR REPLACE INTO images VALUES (?, ?)",
+                               (ref_key(model, image_ref), key)))
+        self._write(statements)
+
+    def get_embedding(self, key: str) -> Vector | None:
+        rows = self._read("SELECT data FROM embeddings WHERE key = ?", (key,))
+        return unpack(rows[0][0]) if rows else None  # type: ignore[arg-type]
+
+    def embedding_key_for(self, model: str, image_ref: str) -> str | None:
+        rows = self._read("SELECT embedding_key FROM images WHERE ref = ?",
+                          (ref_key(model, image_ref),))
+        return str(rows[0][0]) if rows else None
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

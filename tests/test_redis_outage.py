@@ -1,0 +1,168 @@
+"""Redis killed and restarted under a stream of webhooks, and the backend process restarted
+with corrections still spooled: the corrections log ends with every acknowledged event, once
+each, in the order Label Studio sent them (the journal's spool bridges the outages)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from backend.config import Settings
+from backend.feedback import Entry
+from backend.server import create_app
+from backend.store.journal import Journal
+from backend.store.redis import RedisStore
+
+from .support.backend_server import BackendThread
+from .support.redis_server import RedisServer
+from .support.webhooks import annotation_event, choice_result
+
+EVENTS = 1000
+OUTAGES: dict[int, Callable[[RedisServer], None]] = {
+    200: RedisServer.kill, 400: RedisServer.start, 600: RedisServer.kill, 800: RedisServer.start}
+"""Before posting event N: kill Redis (SIGKILL) or start it again on the same port and dir."""
+DRAIN_TIMEOUT_S = 60.0
+
+
+def event(number: int, label: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Webhook number N: annotation N on task 10_000 + N, labelled Cat or Dog."""
+    result = choice_result(label or ("Cat", "Dog")[number % 2])
+    return annotation_event(number, 10_000 + number, result, **fields)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own: killing it leaves the session's alone."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tiny_settings: Settings, own_redis: RedisServer) -> Settings:
+    return tiny_settings.model_copy(update={"REDIS_URL": own_redis.url})
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[tuple[Journal, httpx.Client]]:
+    """One backend process: the real app on a loopback port, and a client for it."""
+    with BackendThread(create_app(settings)) as backend, \
+            httpx.Client(base_url=backend.url, timeout=30) as client:
+        yield backend.app.state.model.journal, client
+
+
+def post(client: httpx.Client, body: dict[str, Any]) -> None:
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200, response.text
+
+
+def post_range(client: httpx.Client, first: int, last: int) -> None:
+    for number in range(first, last + 1):
+        post(client, event(number))
+
+
+def wait_drained(journal: Journal) -> None:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while journal.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.pending == 0, f"{journal.pending} entries still spooled"
+
+
+def logged(url: str) -> list[str]:
+    """Annotation ids in the corrections log, oldest first."""
+    store = RedisStore(url)
+    try:
+        return [logged_event["annotation"] for logged_event in store.events()]
+    finally:
+        store.close()
+
+
+def numbers(first: int, last: int) -> list[str]:
+    return [str(number) for number in range(first, last + 1)]
+
+
+def test_redis_killed_twice_under_1000_webhooks_loses_and_duplicates_nothing(
+        own_redis: RedisServer, settings: Settings) -> None:
+    with serving(settings) as (journal, client):
+        for number in range(1, EVENTS + 1):
+            if number in OUTAGES:
+                OUTAGES[number](own_redis)
+            post(client, event(number))
+        wait_drained(journal)
+        spooled = journal.spooled_total
+    assert spooled >= 400  # everything posted while Redis was down went through the spool
+    assert logged(own_redis.url) == numbers(1, EVENTS)
+    store = RedisStore(own_redis.url)
+    records = list(store.corrections())
+    store.close()
+    assert sorted(int(record["annotation"]) for record in records) == list(range(1, EVENTS + 1))
+
+
+def test_redelivered_and_updated_webhooks_give_one_record_and_two_events(
+        own_redis: RedisServer, settings: Settings) -> None:
+    created = event(7)  # Dog
+    updated = event(7, "Cat", action="ANNOTATION_UPDATED",
+                    updated_at="2026-11-28T12:09:00.000000Z")
+    with serving(settings) as (_, client):
+        for body in (created, created, updated, created):  # redelivered, also after the update
+            post(client, body)
+    store = RedisStore(own_redis.url)
+    events, records = list(store.events()), list(store.corrections())
+    store.close()
+    assert [e["action"] for e in events] == ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+    assert [e["result"][0]["value"]["choices"] for e in events] == [["Dog"], ["Cat"]]
+    [record] = records
+    assert record["annotation"] == "7"
+    assert record["controls"]["choice"]["final"] == ["Cat"]
+    assert record["updated_at"] == "2026-11-28T12:09:00.000000Z"
+
+
+def crash_mid_replay(own_redis: RedisServer, spool: Path) -> None:
+    """What a process that crashed while replaying its spool leaves behind: the first entries
+    applied but the offset never saved, and the entry it was appending cut short."""
+    lines = spool.read_bytes().splitlines(keepends=True)
+    own_redis.start()
+    store = RedisStore(own_redis.url)
+    for line in lines[:10]:
+        store.apply(Entry.from_json(line.decode()))
+    store.close()
+    own_redis.kill()
+    with spool.open("ab") as torn:
+        torn.write(lines[-1][: len(lines[-1]) // 2])
+
+
+def test_a_new_process_replays_the_spool_a_crashed_one_left(
+        own_redis: RedisServer, settings: Settings) -> None:
+    spool = settings.MODEL_DIR / "spool" / "spool.jsonl"
+    with serving(settings) as (journal, client):
+        post_range(client, 1, 10)
+        own_redis.kill()
+        post_range(client, 11, 40)
+        assert journal.pending == 30
+    crash_mid_replay(own_redis, spool)
+    with serving(settings) as (journal, client):
+        assert journal.pending == 30  # counted from the spool file; the torn line is no entry
+        post_range(client, 41, 50)  # spooled behind the earlier ones, Redis still down
+        own_redis.start()
+        wait_drained(journal)
+    assert logged(own_redis.url) == numbers(1, 50)
+    assert not spool.exists()
+
+
+def test_an_offset_left_without_its_spool_is_dropped(
+        own_redis: RedisServer, settings: Settings) -> None:
+    """A crash between removing a replayed spool and removing its offset file."""
+    spool_dir = settings.MODEL_DIR / "spool"
+    spool_dir.mkdir(parents=True)
+    (spool_dir / "spool.offset").write_text("1000000")
+    own_redis.kill()
+    with serving(settings) as (journal, client):
+        post_range(client, 1, 5)
+        own_redis.start()
+        wait_drained(journal)
+    assert logged(own_redis.url) == numbers(1, 5)

@@ -1,0 +1,130 @@
+"""The same contract, on the embedded SQLite store and on a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from backend.errors import StoreUnavailable
+from backend.feedback import entries_from_webhook, prediction_entry
+from backend.store import embedding_key
+from backend.store.redis import RedisStore
+from backend.store.sqlite import SqliteStore
+
+from .support.webhooks import annotation_event, choice_result, deleted
+
+
+def make(kind: str, request: pytest.FixtureRequest, tmp_path) -> SqliteStore | RedisStore:
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "store.sqlite3")
+    return RedisStore(request.getfixturevalue("redis_url"), prefix="test")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[SqliteStore | RedisStore]:
+    opened = make(request.param, request, tmp_path)
+    yield opened
+    opened.close()
+
+
+def entry(event: dict):
+    (only,) = entries_from_webhook(event)
+    return only
+
+
+def created(annotation: int, task: int, *labels: str, **kw):
+    return entry(annotation_event(annotation, task, choice_result(*labels), **kw))
+
+
+def test_annotation_is_logged_and_recorded_once(store):
+    first = created(1, 7, "Dog")
+    assert store.apply(first) is True
+    assert store.apply(first) is False  # the same webhook again
+    assert store.apply(created(1, 7, "Dog")) is False  # re-delivered: a new arrival, same key
+    (event,) = store.events()
+    assert event["annotation"] == "1" and event["action"] == "ANNOTATION_CREATED"
+    (record,) = store.corrections()
+    assert record["status"] == "added" and record["deleted_at"] is None
+
+
+def test_prediction_is_what_corrections_are_compared_with(store):
+    prediction = {"model_version": "m:p1", "score": 0.9, "result": [
+        {"from_name": "choice", "to_name": "image", "type": "choices",
+         "value": {"choices": ["Dog"]}, "score": 0.9, "top_k": []}]}
+    store.apply(prediction_entry("4", 7, prediction, {}))
+    assert store.prediction("4", "7")["model_version"] == "m:p1"
+    store.apply(created(1, 7, "Cat"))
+    (record,) = store.corrections("4")
+    assert record["status"] == "changed" and record["controls"]["choice"]["predicted"] == ["Dog"]
+
+
+def test_update_replaces_the_record_and_history_stays_in_the_log(store):
+    store.apply(created(1, 7, "Dog", updated_at="2026-11-28T10:00:00Z"))
+    store.apply(entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
+                                       updated_at="2026-11-28T10:05:00Z")))
+    stale = entry(annotation_event(1, 7, choice_result("Bird"), action="ANNOTATION_UPDATED",
+                                   updated_at="2026-11-28T10:01:00Z"))
+    store.apply(stale)  # arrives last, but is older: logged, not current
+    assert [e["result"][0]["value"]["choices"] for e in store.events()] == [["Dog"], ["Cat"], ["Bird"]]
+    (record,) = store.corrections()
+    assert record["controls"]["choice"]["final"] == ["Cat"]
+
+
+def test_deletion_marks_records_and_is_idempotent(store):
+    store.apply(created(1, 7, "Dog"))
+    store.apply(created(2, 8, "Cat"))
+    assert store.apply(entry(deleted(1, 99))) is True  # 99: never seen, ignored
+    assert store.apply(entry(deleted(1, 99))) is False
+    store.apply(entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
+                                       updated_at="2027-01-01T00:00:00Z")))
+    records = {r["annotation"]: r for r in store.corrections()}
+    assert records["1"]["deleted_at"] is not None and records["2"]["deleted_at"] is None
+    assert records["1"]["controls"]["choice"]["final"] == ["Dog"]  # deleted stays deleted
+    assert [e["kind"] for e in store.events()] == ["annotation", "annotation", "deletion", "annotation"]
+
+
+def test_projects_are_separate_and_order_is_kept(store):
+    for i in range(60):
+        store.apply(created(i, i, "Dog", project_id=1 + i % 2))
+    assert [e["annotation"] for e in store.events()] == [str(i) for i in range(60)]
+    assert {r["project"] for r in store.corrections("2")} == {"2"}
+    assert len(list(store.corrections("2"))) == 30 and len(list(store.corrections())) == 60
+
+
+def test_embeddings_by_content_and_by_reference(store):
+    vector = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    key = embedding_key("ViT-B-32/x", b"image bytes")
+    assert store.get_embedding(key) is None
+    store.put_embedding(key, vector, image_ref="/data/upload/1/a.png")
+    np.testing.assert_allclose(store.get_embedding(key), vector, rtol=1e-3, atol=1e-3)  # float16
+    assert store.embedding_key_for("ViT-B-32/x", "/data/upload/1/a.png") == key
+    assert store.embedding_key_for("other-model", "/data/upload/1/a.png") is None
+
+
+def test_data_survives_reopening(request, tmp_path):
+    for kind in ("sqlite", "redis"):
+        first = make(kind, request, tmp_path)
+        first.apply(created(1, 7, "Dog"))
+        first.close()
+        again = make(kind, request, tmp_path)
+        assert len(list(again.events())) == 1 and len(list(again.corrections())) == 1
+        again.close()
+
+
+def test_redis_keys_all_carry_the_prefix(redis_url):
+    store = RedisStore(redis_url, prefix="myteam")
+    store.apply(created(1, 7, "Dog"))
+    store.put_embedding(embedding_key("m", b"x"), np.zeros(4, np.float32), "/x.png")
+    keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("*")}
+    assert keys and all(k.startswith("myteam:") for k in keys)
+
+
+def test_unreachable_redis_raises_store_unavailable():
+    store = RedisStore("redis://127.0.0.1:9/0", timeout_s=0.2)
+    with pytest.raises(StoreUnavailable, match="Redis at 127.0.0.1:9 is unreachable"):
+        store.apply(created(1, 7, "Dog"))
+    with pytest.raises(StoreUnavailable):
+        store.ping()
