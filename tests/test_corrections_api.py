@@ -4,7 +4,6 @@ API, on both stores — and what the corrections log holds afterwards."""
 from __future__ import annotations
 
 import io
-import time
 
 import httpx
 import pytest
@@ -15,6 +14,7 @@ from backend.server import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
+from .support.waiting import eventually
 from .support.webhooks import CONFIG, annotation_event, bulk_created, choice_result, deleted
 
 
@@ -32,15 +32,6 @@ def served(request, tiny_settings):
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as images:
         backend.wait_model()
         yield backend, images
-
-
-def until(check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def webhook(backend, body) -> dict:
@@ -87,7 +78,7 @@ def test_annotator_actions_become_correction_records(served):
     assert log == [("annotation", "11"), ("annotation", "12"), ("annotation", "12"), ("annotation", "13"),
                    ("deletion", None), ("annotation", "14"), ("annotation", "15"), ("annotation", "16")]
     # the never-predicted tasks' images are embedded in the background
-    assert until(lambda: all(store.embedding_key_for(model.embedding_model, urls[t]) for t in (5, 6)))
+    assert eventually(lambda: all(store.embedding_key_for(model.embedding_model, urls[t]) for t in (5, 6)))
 
 
 def test_predictions_reuse_cached_embeddings(served):

@@ -4,7 +4,6 @@ each, in the order Label Studio sent them (the journal's spool bridges the outag
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from backend.store.redis import RedisStore
 
 from .support.backend_server import BackendThread
 from .support.redis_server import RedisServer
+from .support.waiting import eventually
 from .support.webhooks import annotation_event, choice_result
 
 EVENTS = 1000
@@ -67,10 +67,8 @@ def post_range(client: httpx.Client, first: int, last: int) -> None:
 
 
 def wait_drained(journal: Journal) -> None:
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while journal.pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert journal.pending == 0, f"{journal.pending} entries still spooled"
+    drained = eventually(lambda: journal.pending == 0, timeout=DRAIN_TIMEOUT_S)
+    assert drained, f"{journal.pending} entries still spooled"
 
 
 def logged(url: str) -> list[str]:

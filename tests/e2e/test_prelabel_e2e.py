@@ -37,6 +37,7 @@ from tests.support.microclip import (
     ZERO_SHOT_TEMPLATES,
     held_out_images,
 )
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -118,15 +119,6 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def wait_for(check, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_studio, backend, tmp_path):
     _, client = label_studio
     config = config_with_testbed_labels("choices_single.xml")
@@ -170,7 +162,7 @@ def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_stu
 
     annotate_and_export(client, backend, project, tasks, version)
     client.train(ml_id)
-    assert wait_for(lambda: backend.counter("backend_webhook_events_total", action="START_TRAINING") >= 1)
+    assert eventually(lambda: backend.counter("backend_webhook_events_total", action="START_TRAINING") >= 1)
 
 
 def choice(label: str) -> list[dict]:
@@ -187,7 +179,7 @@ def annotate_and_export(client, backend: BackendProcess, project: int, tasks: li
     client.create_annotation(change, choice(different))
     doomed = client.create_annotation(delete, choice(proposed[delete]))
     client.delete_annotation(doomed["id"])
-    assert wait_for(lambda: backend.counter("backend_corrections_logged_total") == before + 3)
+    assert eventually(lambda: backend.counter("backend_corrections_logged_total") == before + 3)
 
     def export(**params) -> list[dict]:
         response = httpx.get(backend.url + "/export/corrections", timeout=30,
@@ -195,7 +187,7 @@ def annotate_and_export(client, backend: BackendProcess, project: int, tasks: li
         assert response.status_code == 200, response.text
         return [json.loads(line) for line in response.text.splitlines() if line]
 
-    assert wait_for(lambda: len(export(include_deleted="true")) == 3)
+    assert eventually(lambda: len(export(include_deleted="true")) == 3)
     rows = {row["task"]: row for row in export()}
     assert set(rows) == {str(accept), str(change)}  # the deleted annotation is not exported
     assert rows[str(accept)]["status"] == "accepted" and rows[str(accept)]["final"] == [proposed[accept]]
