@@ -136,7 +136,7 @@ def crash_mid_replay(own_redis: RedisServer, spool: Path) -> None:
 
 def test_a_new_process_replays_the_spool_a_crashed_one_left(
         own_redis: RedisServer, settings: Settings) -> None:
-    spool = settings.MODEL_DIR / "spool" / "spool.jsonl"
+    spool = settings.MODEL_DIR / "spool" / "spool-0.jsonl"  # the first process takes slot 0
     with serving(settings) as (journal, client):
         post_range(client, 1, 10)
         own_redis.kill()
@@ -157,10 +157,22 @@ def test_an_offset_left_without_its_spool_is_dropped(
     """A crash between removing a replayed spool and removing its offset file."""
     spool_dir = settings.MODEL_DIR / "spool"
     spool_dir.mkdir(parents=True)
-    (spool_dir / "spool.offset").write_text("1000000")
+    (spool_dir / "spool-0.offset").write_text("1000000")
     own_redis.kill()
     with serving(settings) as (journal, client):
         post_range(client, 1, 5)
         own_redis.start()
         wait_drained(journal)
     assert logged(own_redis.url) == numbers(1, 5)
+
+
+def test_processes_sharing_model_dir_spool_separately(tmp_path: Path) -> None:
+    """WORKERS > 1 share MODEL_DIR: each process's journal gets a spool file of its own."""
+    store = RedisStore("redis://127.0.0.1:9/0", timeout_s=0.2)
+    first, second = Journal(store, tmp_path / "spool"), Journal(store, tmp_path / "spool")
+    assert first.path != second.path
+    first.stop()
+    third = Journal(store, tmp_path / "spool")  # a restarted worker takes the freed slot
+    assert third.path == first.path
+    second.stop()
+    third.stop()

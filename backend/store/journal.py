@@ -5,15 +5,22 @@ that a background thread replays, in order, once the store is back.
 fsynced, so an acknowledged webhook is never lost. While anything is spooled, new entries
 are spooled too, which keeps the order. Replays are safe to repeat: every entry carries an
 idempotency key, so an entry applied just before a crash is not applied twice.
+
+Each process (WORKERS > 1 share MODEL_DIR) owns one spool slot, `spool-<n>.jsonl`, held by an
+exclusive lock on `slot-<n>.lock`; a restarted process takes a free slot and replays what the
+slot's previous owner left.
 """
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from ..errors import StoreUnavailable
 from ..feedback import Entry
@@ -27,8 +34,9 @@ class Journal:
     def __init__(self, store: Store, spool_dir: Path, retry_s: float = RETRY_S) -> None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
-        self.path = spool_dir / "spool.jsonl"
-        self._offset_path = spool_dir / "spool.offset"
+        slot, self._slot_lock = _claim_slot(spool_dir)
+        self.path = spool_dir / f"spool-{slot}.jsonl"
+        self._offset_path = spool_dir / f"spool-{slot}.offset"
         self.retry_s = retry_s
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -49,6 +57,7 @@ class Journal:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._slot_lock.close()  # releases the slot for the next process
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Apply `entries` in order, or spool what could not be applied. Durable on return."""
@@ -145,3 +154,16 @@ class Journal:
     def _save_offset(self, offset: int) -> None:
         # not fsynced: after a crash, entries replay from an older offset and are recognised
         self._offset_path.write_text(str(offset))
+
+
+def _claim_slot(spool_dir: Path) -> tuple[int, IO[str]]:
+    """The first spool slot no other live process holds; the lock lasts as long as `handle`."""
+    for slot in itertools.count():
+        handle = (spool_dir / f"slot-{slot}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return slot, handle
+    raise AssertionError("unreachable")
