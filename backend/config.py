@@ -7,6 +7,7 @@ configuration table is generated from the same field descriptions.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
     MAX_IMAGE_PIXELS: int = Field(
         100_000_000, gt=0, description="Largest image accepted (width x height) before decoding."
     )
+    IMAGE_URL_ALLOWLIST: str = Field(
+        "",
+        description="Hosts, IPs or CIDR ranges (comma-separated) task image URLs may reach even "
+        "though they are loopback or private, e.g. 'minio.internal,10.20.0.0/16'. Public "
+        "addresses and the Label Studio host are always allowed.",
+    )
     LOCAL_FILES_DOCUMENT_ROOT: Path | None = Field(
         None,
         description="Same as Label Studio's: '/data/local-files/?d=' paths are read from here "
@@ -120,6 +127,22 @@ class Settings(BaseSettings):
     WORKERS: int = Field(1, ge=1, description="Server processes; each loads its own model.")
     BASIC_AUTH_USER: str | None = Field(None, description="Require HTTP Basic auth (user).")
     BASIC_AUTH_PASS: str | None = Field(None, description="Require HTTP Basic auth (password).")
+    WEBHOOK_SECRET: str | None = Field(
+        None,
+        description="Shared secret Label Studio's webhook sends in the X-Webhook-Secret header; "
+        "when set, /webhook requires it (or Basic auth).",
+    )
+    MAX_REQUEST_BYTES: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest request body accepted, in bytes (413)."
+    )
+    MAX_TASKS_PER_REQUEST: int = Field(
+        10_000, gt=0, description="Most tasks one /predict may carry (413 beyond)."
+    )
+    MAX_PENDING_TASKS: int = Field(
+        20_000, gt=0,
+        description="Tasks in progress across concurrent /predict calls before new ones get a "
+        "quick 503 (overload protection).",
+    )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR."
     )
@@ -146,6 +169,19 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://, e.g. http://label-studio:8080")
         return value.rstrip("/")
 
+    @field_validator("IMAGE_URL_ALLOWLIST")
+    @classmethod
+    def _check_allowlist(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if "/" in item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not a CIDR range like 10.0.0.0/8") from None
+            elif "://" in item or " " in item:
+                raise ValueError(f"{item!r}: list hosts, IPs or CIDR ranges, not URLs")
+        return value
+
     @field_validator("REDIS_URL")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -155,7 +191,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
-    @field_validator("LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")
+    @field_validator("LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
@@ -191,7 +227,7 @@ class Settings(BaseSettings):
         return self.BASIC_AUTH_USER is not None
 
 
-_SECRET_FIELDS = frozenset({"LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS"})
+_SECRET_FIELDS = frozenset({"LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"})
 
 
 def _looks_like_path(value: str) -> bool:

@@ -8,6 +8,8 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── LabelConfigError       the project's label config has nothing this backend can predict
     ├── ModelUnavailable       the model is still loading, or failed to load (says why)
     ├── StoreUnavailable       Redis cannot be reached (writes are spooled, nothing is lost)
+    ├── LimitExceeded          a request is larger than the configured limits (413)
+    ├── Overloaded             too much work in progress; retry shortly (503)
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -36,6 +38,14 @@ class ModelUnavailable(BackendError):
 
 class StoreUnavailable(BackendError):
     """The store cannot be reached right now; durable writes go to the local spool."""
+
+
+class LimitExceeded(BackendError):
+    """A request exceeds a configured limit (body size, tasks); the message names the setting."""
+
+
+class Overloaded(BackendError):
+    """Too much work is already in progress; the request was shed before doing any."""
 
 
 class TaskError(BackendError):

@@ -29,7 +29,8 @@ import httpx
 
 from .config import Settings
 from .errors import FetchError, ImageRefused
-from .labelstudio import LabelStudioAccess, is_personal_access_token
+from .labelstudio import LabelStudioAccess, is_personal_access_token, origin
+from .netguard import AddressPolicy, GuardedTransport
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure-spi")
 MAX_REDIRECTS = 5
@@ -52,14 +53,20 @@ class ImageFetcher:
         self.deadline_s = settings.FETCH_TIMEOUT_S
         self.local_root = settings.LOCAL_FILES_DOCUMENT_ROOT
         self._limit = asyncio.Semaphore(settings.FETCH_CONCURRENCY)
+        ls_hosts = [origin(settings.LABEL_STUDIO_URL)[1]] if settings.LABEL_STUDIO_URL else []
+        self.policy = AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, ls_hosts)
+        limits = httpx.Limits(max_connections=settings.FETCH_CONCURRENCY * 2,
+                              max_keepalive_connections=settings.FETCH_CONCURRENCY)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.FETCH_TIMEOUT_S, connect=settings.CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=settings.FETCH_CONCURRENCY * 2,
-                                max_keepalive_connections=settings.FETCH_CONCURRENCY),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
-            transport=transport,
+            transport=transport or GuardedTransport(self.policy, limits),
         )
+
+    def trust_setup_host(self, url: str) -> None:
+        """Allow the Label Studio host a /setup request named (not for metadata addresses)."""
+        self.policy.setup_hosts.add(origin(url)[1])
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -113,7 +120,11 @@ class ImageFetcher:
     def _local_file(self, ref: str) -> Path | None:
         """The local copy of a /data/local-files/ reference, confined to the document root."""
         parts = urlsplit(ref)
-        if self.local_root is None or parts.path.rstrip("/") != "/data/local-files":
+        if parts.path.rstrip("/") != "/data/local-files":
+            return None
+        if ".." in Path(parse_qs(parts.query).get("d", [""])[0]).parts:
+            raise ImageRefused("a local-files path must not contain '..'")
+        if self.local_root is None:
             return None
         rel = parse_qs(parts.query).get("d", [""])[0]
         root = self.local_root.resolve()

@@ -11,12 +11,13 @@ and runs the request path phase by phase:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,7 +29,14 @@ from .batching import InferenceWorker
 from .config import Settings
 from .decode import decode_image
 from .encoder import Encoder, ModelSpec, load_encoder
-from .errors import BackendError, ImageRefused, ModelUnavailable, StoreUnavailable, TaskError
+from .errors import (
+    BackendError,
+    ImageRefused,
+    ModelUnavailable,
+    Overloaded,
+    StoreUnavailable,
+    TaskError,
+)
 from .feedback import Entry, entries_from_webhook, prediction_entry
 from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
@@ -42,6 +50,10 @@ from .text_embeddings import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
 
+DECODED_PER_BATCH = 4
+"""Decoded images allowed to wait for the encoder, in encoder batches."""
+LAZY_EMBEDDINGS_QUEUED = 1_000
+"""Beyond this, corrected images are not embedded in the background (it is best effort)."""
 LAZY_EMBEDDINGS_IN_FLIGHT = 4
 """Images of corrected-but-never-predicted tasks embedded at once, in the background."""
 HEAD_CACHE_SIZE = 256
@@ -105,6 +117,10 @@ class ZeroShotModel:
         self.store = store or open_store(settings)
         self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
+        self._lazy_waiting = 0
+        # decoded images waiting for the encoder: bounded, so memory is too
+        self._decoded = asyncio.Semaphore(DECODED_PER_BATCH * self.worker.max_batch)
+        self.pending_tasks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -200,6 +216,8 @@ class ZeroShotModel:
         if url and url.startswith(("http://", "https://")):
             token = self.settings.LABEL_STUDIO_API_KEY or token
             self._projects[key] = LabelStudioAccess(url, token)
+            if not self.settings.LABEL_STUDIO_URL:
+                self.fetcher.trust_setup_host(url)
 
     def label_studio(self, project: Any = None) -> LabelStudioAccess | None:
         """Settings first (they know the URL as this backend sees it), then what /setup said."""
@@ -227,11 +245,25 @@ class ZeroShotModel:
     async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
                       label_config: str, project: Any = None) -> list[dict[str, Any]]:
         """One Label Studio prediction per task, in order. A failing task gets an empty one."""
-        ctx = await self.context(label_config, project)
-        embeddings = await self._embed_tasks(tasks, ctx)
-        results = [self._predict_task(task, embeddings, ctx) for task in tasks]
-        await self._record_predictions(tasks, results, embeddings, ctx)
+        with self._admitted(len(tasks)):
+            ctx = await self.context(label_config, project)
+            embeddings = await self._embed_tasks(tasks, ctx)
+            results = [self._predict_task(task, embeddings, ctx) for task in tasks]
+            await self._record_predictions(tasks, results, embeddings, ctx)
         return results
+
+    @contextlib.contextmanager
+    def _admitted(self, count: int) -> Iterator[None]:
+        """Shed a request up front, rather than queue work that will not finish in time."""
+        limit = self.settings.MAX_PENDING_TASKS
+        if self.pending_tasks and self.pending_tasks + count > limit:
+            raise Overloaded(f"{self.pending_tasks} tasks are being predicted already "
+                             f"(MAX_PENDING_TASKS={limit}); retry in a few seconds")
+        self.pending_tasks += count
+        try:
+            yield
+        finally:
+            self.pending_tasks -= count
 
     async def _embed_tasks(self, tasks: Sequence[Task],
                            ctx: ProjectContext) -> dict[str, Embedded | BaseException]:
@@ -258,8 +290,9 @@ class ZeroShotModel:
             return Embedded(torch.from_numpy(cached), key)
         metrics.EMBEDDING_CACHE.labels("miss").inc()
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
-        row = await self.worker.encode(encoder.encode_images, pixels)
+        async with self._decoded:
+            pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
+            row = await self.worker.encode(encoder.encode_images, pixels)
         metrics.IMAGES_ENCODED.inc()
         await self._cache(self.store.put_embedding, key, row.numpy(), ref)
         return Embedded(row, key)
@@ -368,9 +401,13 @@ class ZeroShotModel:
                 continue
             for ref in entry.data["images"].values():
                 known = await self._cache(self.store.embedding_key_for, self.embedding_model, ref)
-                if known is None:
-                    async with self._lazy:
-                        await self._embed_quietly(ref, entry)
+                if known is None and self._lazy_waiting < LAZY_EMBEDDINGS_QUEUED:
+                    self._lazy_waiting += 1
+                    try:
+                        async with self._lazy:
+                            await self._embed_quietly(ref, entry)
+                    finally:
+                        self._lazy_waiting -= 1
 
     async def _embed_quietly(self, ref: str, entry: Entry) -> None:
         task_id = int(entry.data["task"]) if entry.data["task"].isdigit() else None

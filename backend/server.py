@@ -16,25 +16,33 @@ Handlers only parse and delegate to `ZeroShotModel`; the model runs on its own t
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import itertools
 import logging
-import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, export, metrics
 from .config import Settings, load_settings
-from .errors import BackendError, LabelConfigError, ModelUnavailable, StoreUnavailable, TaskError
+from .errors import (
+    BackendError,
+    LabelConfigError,
+    LimitExceeded,
+    ModelUnavailable,
+    Overloaded,
+    StoreUnavailable,
+    TaskError,
+)
 from .labelstudio import project_key
+from .middleware import install_middleware, too_large
 from .model import ZeroShotModel
 
 log = logging.getLogger(__name__)
@@ -42,16 +50,28 @@ log = logging.getLogger(__name__)
 _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
     (LabelConfigError, 422),
     (TaskError, 422),
+    (LimitExceeded, 413),
     (ModelUnavailable, 503),
     (StoreUnavailable, 503),
+    (Overloaded, 503),
 )
+
+
+EXAMPLE_CONFIG = ('<View><Image name="image" value="$image"/><Choices name="animal" '
+                  'toName="image"><Choice value="Cat"/><Choice value="Dog"/></Choices></View>')
+WEBHOOK_BODY = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["action"], "additionalProperties": True,
+    "properties": {"action": {"type": "string", "example": "ANNOTATION_CREATED"},
+                   "project": {"type": "object"}, "annotation": {}, "task": {}},
+}}}, "required": True, "description": "A Label Studio webhook event"}
 
 
 class SetupRequest(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    project: str | int | None = None
-    label_config: str = Field(..., alias="schema", description="The project's label config XML")
+    project: str | int | None = Field(None, examples=["3.1764300000"])
+    label_config: str = Field(..., alias="schema", description="The project's label config XML",
+                              examples=[EXAMPLE_CONFIG])
     hostname: str | None = None
     access_token: str | None = None
     extra_params: dict[str, Any] | str | None = None
@@ -60,9 +80,10 @@ class SetupRequest(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    tasks: list[dict[str, Any]]
-    label_config: str | None = None
-    project: str | int | None = None
+    tasks: list[dict[str, Any]] = Field(
+        ..., examples=[[{"id": 1, "data": {"image": "data:image/png;base64,iVBORw0KGgo="}}]])
+    label_config: str | None = Field(None, examples=[EXAMPLE_CONFIG])
+    project: str | int | None = Field(None, examples=["3.1764300000"])
     params: dict[str, Any] | None = None
 
 
@@ -79,12 +100,11 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         await model.aclose()
 
     app = FastAPI(title="CLIP zero-shot pre-labeling backend for Label Studio",
-                  version=__version__, lifespan=lifespan)
+                  version=__version__, lifespan=lifespan,
+                  max_body_size=settings.MAX_REQUEST_BYTES)
     app.state.model = model
-    app.middleware("http")(_observe)
-    if settings.auth_enabled:
-        app.middleware("http")(_basic_auth(settings))
-    _add_error_handlers(app)
+    install_middleware(app, settings)
+    _add_error_handlers(app, settings)
 
     @app.get("/")
     @app.get("/health")
@@ -111,12 +131,16 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         if not body.label_config:
             raise LabelConfigError("The request has no label_config; Label Studio always sends "
                                    "one — check what is calling /predict.")
+        limit = settings.MAX_TASKS_PER_REQUEST
+        if len(body.tasks) > limit:
+            raise LimitExceeded(f"{len(body.tasks)} tasks in one request; the limit is "
+                                f"MAX_TASKS_PER_REQUEST={limit}: select fewer tasks")
         context = (body.params or {}).get("context")
         results = await model.predict(body.tasks, context, label_config=body.label_config,
                                       project=body.project)
         return {"results": results}
 
-    @app.post("/webhook")
+    @app.post("/webhook", openapi_extra={"requestBody": WEBHOOK_BODY})
     async def webhook(request: Request) -> JSONResponse:
         try:
             event = await request.json()
@@ -202,45 +226,23 @@ def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Tas
     return done
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-async def _observe(request: Request, call_next: Handler) -> Response:
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")
-    metrics.REQUESTS.labels(path, str(response.status_code)).inc()
-    metrics.REQUEST_SECONDS.labels(path).observe(time.perf_counter() - started)
-    return response
-
-
-def _basic_auth(settings: Settings) -> Callable[[Request, Handler], Awaitable[Response]]:
-    expected = f"{settings.BASIC_AUTH_USER}:{settings.BASIC_AUTH_PASS}".encode()
-
-    async def check(request: Request, call_next: Handler) -> Response:
-        header = request.headers.get("authorization", "")
-        scheme, _, encoded = header.partition(" ")
-        try:
-            given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else b""
-        except ValueError:
-            given = b""
-        if not secrets.compare_digest(given, expected):
-            return JSONResponse({"detail": "HTTP Basic authentication required"}, 401,
-                                headers={"WWW-Authenticate": 'Basic realm="backend"'})
-        return await call_next(request)
-
-    return check
-
-
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def backend_error(request: Request, exc: Exception) -> JSONResponse:
         status = next((code for kind, code in _STATUS_FOR if isinstance(exc, kind)), 500)
         log.warning("%s %s → %d: %s", request.method, request.url.path, status, exc)
-        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status)
+        headers = {"Retry-After": "5"} if isinstance(exc, Overloaded) else None
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status,
+                            headers=headers)
 
     async def bad_export(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, 422)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 413:
+            return too_large(settings.MAX_REQUEST_BYTES)
+        return await http_exception_handler(request, exc)
+
     app.add_exception_handler(BackendError, backend_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(export.ExportError, bad_export)

@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians shown")
     args = parser.parse_args()
     settings = load_settings(MODEL_NAME=args.model, MODEL_PRETRAINED="none", BATCH_SIZE=args.batch,
+                             IMAGE_URL_ALLOWLIST="127.0.0.1",
                              TEMPLATES="photo", LOG_LEVEL="WARNING")
     print(f"model {args.model} (random weights), batch {args.batch}, torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")

@@ -1,4 +1,5 @@
-"""Print the settings as .env.example (default) or as the README's Markdown table (--markdown).
+"""Print the settings as .env.example (default) or as the README's Markdown table (--markdown);
+with --write, update both files in place.
 
 Both files are generated from `backend.config.Settings`; tests check they list every setting.
 """
@@ -6,6 +7,7 @@ Both files are generated from `backend.config.Settings`; tests check they list e
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from backend.config import Settings
 
@@ -33,5 +35,17 @@ def markdown() -> str:
     return "\n".join(rows)
 
 
+def write_files(root: Path) -> None:
+    """Rewrite .env.example and the settings table in README.md."""
+    (root / ".env.example").write_text(env_example() + "\n")
+    readme = (root / "README.md").read_text()
+    start = readme.index("| Variable | Default | Meaning |")
+    end = readme.index("\n\n", start)
+    (root / "README.md").write_text(readme[:start] + markdown() + readme[end:])
+
+
 if __name__ == "__main__":
-    print(markdown() if "--markdown" in sys.argv else env_example())
+    if "--write" in sys.argv:
+        write_files(Path(__file__).resolve().parents[1])
+    else:
+        print(markdown() if "--markdown" in sys.argv else env_example())

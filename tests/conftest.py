@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
-# Before anything imports huggingface_hub (it reads this once): tests never reach the network.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 from backend.config import Settings, load_settings
 
 from .support.http_server import LoopbackServer
+from .support.network_guard import install_loopback_only_guard
 from .support.redis_server import RedisServer
 from .support.tiny_models import write_config
+
+# Before a test module imports huggingface_hub (it reads this once), and before any test runs:
+# tests never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+install_loopback_only_guard()
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED_CACHE = Path(os.environ.get("TESTBED_CACHE", REPO / ".testbed-cache"))
@@ -30,6 +33,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.upper() in _SETTING_NAMES:
             monkeypatch.delenv(name)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model-dir"))  # no state shared by tests
+    # test image servers listen on 127.0.0.1, which the SSRF guard refuses unless allowed;
+    # tests of the guard itself set their own allow-list
+    monkeypatch.setenv("IMAGE_URL_ALLOWLIST", "127.0.0.1")
 
 
 @pytest.fixture(scope="session")

@@ -105,8 +105,13 @@ def test_local_files_are_read_from_the_document_root(loopback: LoopbackServer, t
     ref = "/data/local-files/?d=sub/a.png"
     assert fetch(ref, ls=ls, LOCAL_FILES_DOCUMENT_ROOT=tmp_path) == PNG
     assert loopback.requests == []  # read from disk, not over HTTP
-    with pytest.raises(ImageRefused, match="escapes LOCAL_FILES_DOCUMENT_ROOT"):
+    with pytest.raises(ImageRefused, match="must not contain '..'"):
         fetch("/data/local-files/?d=../../etc/passwd", ls=ls, LOCAL_FILES_DOCUMENT_ROOT=tmp_path)
+    with pytest.raises(ImageRefused, match="must not contain '..'"):  # nor asks LS for it
+        fetch("/data/local-files/?d=sub/../../x.png", ls=ls)
+    (tmp_path / "sub" / "escape.png").symlink_to("/etc/hostname")
+    with pytest.raises(ImageRefused, match="escapes LOCAL_FILES_DOCUMENT_ROOT"):
+        fetch("/data/local-files/?d=sub/escape.png", ls=ls, LOCAL_FILES_DOCUMENT_ROOT=tmp_path)
     # not on this disk: ask Label Studio, with the token
     loopback.add("/data/local-files/", Route(PNG, require_header=("Authorization", f"Token {LEGACY}")))
     assert fetch("/data/local-files/?d=elsewhere/b.png", ls=ls, LOCAL_FILES_DOCUMENT_ROOT=tmp_path) == PNG

@@ -199,3 +199,43 @@ def test_model_that_fails_to_load_keeps_health_up_and_setup_says_why(tiny_config
         assert setup.status_code == 503 and "Check that the checkpoint matches" in setup.json()["detail"]
         predict = post(server, "/predict", {"tasks": [{"id": 1, "data": {"image": "x"}}], "label_config": CONFIG})
         assert predict.status_code == 503
+
+
+def test_webhook_secret_lets_label_studios_webhook_in_without_basic_auth(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw-123", WEBHOOK_SECRET="s3cr3t")
+    event = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
+    with BackendThread(create_app(settings)) as server:
+        hook = server.url + "/webhook"
+        assert httpx.post(hook, json=event).status_code == 401
+        assert httpx.post(hook, json=event, headers={"X-Webhook-Secret": "wrong"}).status_code == 401
+        assert httpx.post(hook, json=event, headers={"X-Webhook-Secret": "s3cr3t"}).status_code == 200
+        assert httpx.post(hook, json=event, auth=("ls", "pw-123")).status_code == 200
+        other = httpx.get(server.url + "/health", headers={"X-Webhook-Secret": "s3cr3t"})
+        assert other.status_code == 401  # the secret opens /webhook only
+        assert "s3cr3t" not in other.text and "pw-123" not in other.text
+
+
+def test_webhook_secret_alone_guards_only_the_webhook(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             WEBHOOK_SECRET="s3cr3t")
+    with BackendThread(create_app(settings)) as server:
+        assert httpx.get(server.url + "/health").status_code == 200
+        denied = httpx.post(server.url + "/webhook", json={"action": "X"})
+        assert denied.status_code == 401 and "X-Webhook-Secret" in denied.json()["detail"]
+
+
+def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_configs, caplog):
+    token = "0123456789abcdef-super-secret-token"
+    with LoopbackServer() as label_studio:
+        label_studio.add("/data/upload/1/a.png", Route(b"denied", 401))
+        settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                                 LABEL_STUDIO_URL=label_studio.base, LABEL_STUDIO_API_KEY=token)
+        with BackendThread(create_app(settings)) as server, caplog.at_level(logging.DEBUG):
+            server.wait_model()
+            response = post(server, "/predict", {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}],
+                                                 "label_config": CONFIG, "project": "1.1"})
+            reason = response.json()["results"][0]["error"]
+            assert "HTTP 401" in reason and "LABEL_STUDIO_API_KEY" in reason
+        assert label_studio.requests[0].headers["Authorization"] == f"Token {token}"
+    assert token not in reason and token not in caplog.text

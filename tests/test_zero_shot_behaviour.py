@@ -48,10 +48,12 @@ def taxonomy_config() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(micro_clip):
+def served(micro_clip, tmp_path_factory):
+    # module scope: set up before the per-test environment, so say everything explicitly
     settings = load_settings(MODEL_CONFIG=micro_clip.config_path,
                              MODEL_PRETRAINED=str(micro_clip.checkpoint_path), TOP_K=25,
-                             TEMPLATES="|".join(ZERO_SHOT_TEMPLATES))
+                             TEMPLATES="|".join(ZERO_SHOT_TEMPLATES), IMAGE_URL_ALLOWLIST="127.0.0.1",
+                             MODEL_DIR=tmp_path_factory.mktemp("model-dir"))
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as images:
         assert backend.wait_model()["model_state"] == "ready"
         yield backend, images

@@ -108,6 +108,7 @@ def backend(label_studio, micro_clip, pat, tmp_path_factory) -> Iterator[Backend
            "MODEL_PRETRAINED": str(micro_clip.checkpoint_path),
            "TEMPLATES": "|".join(ZERO_SHOT_TEMPLATES),
            "LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": pat,
+           "IMAGE_URL_ALLOWLIST": "127.0.0.1",  # the test's image server; LS is allowed anyway
            "MODEL_DIR": str(tmp_path_factory.mktemp("model-dir"))}
     with BackendProcess(env, tmp_path_factory.mktemp("logs") / "backend.log") as process:
         yield process

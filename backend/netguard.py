@@ -1,0 +1,154 @@
+"""Which network addresses task image URLs may reach: the SSRF guard.
+
+Task data comes from whoever can import tasks into Label Studio, and the backend fetches every
+URL in it. So by default it refuses loopback, private, link-local, cloud-metadata and other
+non-public addresses. The check runs where the connection is made — after DNS resolution,
+on the address actually connected to, for every redirect hop — so a public name that resolves
+(or later re-resolves) to 127.0.0.1 is refused too.
+
+Allowed anyway: the Label Studio host, and what IMAGE_URL_ALLOWLIST names (hostnames, IPs or
+CIDR ranges, e.g. `minio.internal,10.20.0.0/16`). Cloud metadata addresses are never allowed
+for a Label Studio host that came from a /setup request rather than from the settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpcore
+import httpx
+
+from .errors import ImageRefused
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+METADATA = frozenset(map(ipaddress.ip_address, (
+    "169.254.169.254",   # AWS, GCP, Azure, OpenStack, DigitalOcean…
+    "169.254.170.2",     # AWS ECS task metadata
+    "fd00:ec2::254",     # AWS, over IPv6
+    "100.100.100.200",   # Alibaba Cloud
+)))
+
+
+def refusal(address: Address) -> str | None:
+    """Why `address` is off limits for task URLs, or None for a public address.
+
+    A pure function on a literal address: tests check it without connecting anywhere."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address in METADATA:
+        return "a cloud metadata address"
+    for attribute, reason in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
+                              ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
+                              ("is_private", "private"), ("is_reserved", "reserved")):
+        if getattr(address, attribute):
+            return reason
+    return None if address.is_global else "not publicly routable"
+
+
+@dataclass
+class AddressPolicy:
+    """Refuse non-public addresses, except allowed hosts and networks."""
+
+    hosts: set[str] = field(default_factory=set)
+    networks: tuple[Network, ...] = ()
+    setup_hosts: set[str] = field(default_factory=set)
+    """Hosts Label Studio named in /setup: trusted like `hosts`, but never for metadata."""
+
+    @classmethod
+    def parse(cls, allowlist: str, hosts: Iterable[str] = ()) -> AddressPolicy:
+        policy = cls(hosts={host.lower() for host in hosts})
+        networks = []
+        for item in filter(None, (part.strip() for part in allowlist.split(","))):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                policy.hosts.add(item.lower().strip("[]"))
+        policy.networks = tuple(networks)
+        return policy
+
+    def check(self, host: str, address: Address) -> None:
+        """Raise ImageRefused unless `host` (as resolved to `address`) may be fetched."""
+        reason = refusal(address)
+        if reason is None or host.lower() in self.hosts:
+            return
+        if any(address in network for network in self.networks):
+            return
+        if host.lower() in self.setup_hosts and reason != "a cloud metadata address":
+            return
+        raise ImageRefused(
+            f"{host} resolves to {address}, {reason}: refused (task URLs may only reach public "
+            "addresses and the Label Studio host; to allow it, add it to IMAGE_URL_ALLOWLIST)"
+        )
+
+
+class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network layer with the policy applied to every TCP connection it opens."""
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self.policy = policy
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,
+        local_address: str | None = None, socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await _resolve(host, port, timeout)
+        for address in addresses:
+            self.policy.check(host, address)  # every address: no partial trust
+        error: Exception | None = None
+        for address in addresses:  # connect to the vetted address, never re-resolve the name
+            try:
+                return await self._inner.connect_tcp(str(address), port, timeout=timeout,
+                                                     local_address=local_address,
+                                                     socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None
+                                  ) -> httpcore.AsyncNetworkStream:
+        raise ImageRefused("unix sockets are not a task image source")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]:
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+        return [literal]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+    unique = dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
+    return list(unique)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, connecting only where `policy` allows. Environment proxies are not
+    used: a proxy would resolve names itself and make the guard meaningless."""
+
+    def __init__(self, policy: AddressPolicy, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        # httpx has no public hook for the network backend: rebuild its pool with ours.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedNetworkBackend(policy),
+        )

@@ -1,0 +1,33 @@
+"""schemathesis against the app's own OpenAPI schema: whatever it sends, no 5xx.
+
+The schemathesis CLI fuzzes the real server on loopback, with the SSRF guard on (no image URL
+is allowed) and this process's network guard underneath the server: fuzzed URLs in task data
+never leave the machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from backend.config import load_settings
+from backend.server import create_app
+
+from .support.backend_server import BackendThread
+
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+
+
+def test_no_input_makes_the_server_fail(tiny_configs, tmp_path):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             IMAGE_URL_ALLOWLIST="", FETCH_TIMEOUT_S=2.0,
+                             MAX_REQUEST_BYTES=2_000_000)
+    with BackendThread(create_app(settings)) as server:
+        server.wait_model()
+        run = subprocess.run(
+            [str(SCHEMATHESIS), "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "40", "--seed", "1", "--workers", "1",
+             "--report", "junit", "--report-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

@@ -1,0 +1,131 @@
+"""The SSRF guard: a pure address classifier, checked on literal addresses without connecting,
+and the guarded fetcher, checked against servers on loopback addresses only."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from backend.config import load_settings
+from backend.errors import FetchError, ImageRefused
+from backend.images import ImageFetcher
+from backend.labelstudio import LabelStudioAccess
+from backend.netguard import AddressPolicy, refusal
+
+from .support.http_server import LoopbackServer, Route
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("127.0.0.1", "loopback"), ("127.0.0.2", "loopback"), ("::1", "loopback"),
+    ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"),
+    ("fd00::1", "private"), ("fc00::5", "private"),
+    ("169.254.169.254", "a cloud metadata address"), ("169.254.170.2", "a cloud metadata address"),
+    ("fd00:ec2::254", "a cloud metadata address"), ("100.100.100.200", "a cloud metadata address"),
+    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+    ("100.64.0.1", "not publicly routable"),           # carrier-grade NAT
+    ("240.0.0.1", "private"), ("198.18.0.1", "private"), ("192.0.2.1", "private"),
+    ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.1.2.3", "private"),  # IPv4-mapped IPv6
+])
+def test_non_public_addresses_are_refused_with_a_reason(address, reason):
+    assert refusal(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "151.101.1.69", "2606:4700:4700::1111"])
+def test_public_addresses_pass(address):
+    assert refusal(ipaddress.ip_address(address)) is None
+
+
+def test_allow_list_by_host_by_address_and_by_range():
+    policy = AddressPolicy.parse("minio.internal, 10.20.0.0/16,192.168.1.7", hosts=["ls.local"])
+    allowed = [("minio.internal", "10.9.9.9"), ("x", "10.20.3.4"), ("x", "192.168.1.7"),
+               ("LS.local", "127.0.0.1"), ("public.example", "8.8.8.8")]
+    for host, address in allowed:
+        policy.check(host, ipaddress.ip_address(address))
+    for host, address in [("x", "10.21.0.1"), ("x", "192.168.1.8"), ("x", "127.0.0.1")]:
+        with pytest.raises(ImageRefused, match="IMAGE_URL_ALLOWLIST"):
+            policy.check(host, ipaddress.ip_address(address))
+
+
+def test_a_host_named_in_setup_never_reaches_metadata():
+    policy = AddressPolicy.parse("")
+    policy.setup_hosts.add("ls")
+    policy.check("ls", ipaddress.ip_address("10.0.0.5"))
+    with pytest.raises(ImageRefused, match="cloud metadata"):
+        policy.check("ls", ipaddress.ip_address("169.254.169.254"))
+
+
+def fetch(ref: str, allow: str, ls: LabelStudioAccess | None = None) -> bytes:
+    async def run() -> bytes:
+        fetcher = ImageFetcher(load_settings(IMAGE_URL_ALLOWLIST=allow))
+        try:
+            return (await fetcher.fetch(ref, ls=ls)).data
+        finally:
+            await fetcher.aclose()
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def allowed_server():
+    with LoopbackServer("127.0.0.3") as server:
+        server.add("/a.png", Route(b"image bytes"))
+        yield server
+
+
+def test_only_the_allowed_loopback_address_is_reached(allowed_server):
+    port = allowed_server.port
+    assert fetch(f"http://127.0.0.3:{port}/a.png", "127.0.0.3") == b"image bytes"
+    for url in (f"http://127.0.0.2:{port}/a.png", f"http://[::1]:{port}/a.png",
+                f"http://localhost:{port}/a.png", f"http://127.0.0.1:{port}/a.png"):
+        with pytest.raises(ImageRefused, match="loopback: refused"):
+            fetch(url, "127.0.0.3")
+    with pytest.raises(ImageRefused):  # nothing allowed: not even the server that exists
+        fetch(f"http://127.0.0.3:{port}/a.png", "")
+    assert allowed_server.requests and len(allowed_server.requests) == 1
+
+
+def test_every_redirect_hop_is_checked(allowed_server):
+    target = f"http://127.0.0.2:{allowed_server.port}/a.png"
+    allowed_server.add("/hop", Route(status=302, headers={"Location": target}))
+    with pytest.raises(ImageRefused, match="127.0.0.2 resolves to 127.0.0.2, loopback"):
+        fetch(allowed_server.url("/hop"), "127.0.0.3")
+
+
+def test_label_studio_host_is_allowed_without_listing_it():
+    with LoopbackServer("127.0.0.4") as label_studio:
+        label_studio.add("/data/upload/1/a.png", Route(b"uploaded"))
+        ls = LabelStudioAccess(label_studio.base, "0123456789abcdef")
+
+        async def run() -> bytes:
+            fetcher = ImageFetcher(load_settings(IMAGE_URL_ALLOWLIST="", LABEL_STUDIO_URL=label_studio.base))
+            try:
+                return (await fetcher.fetch("/data/upload/1/a.png", ls=ls)).data
+            finally:
+                await fetcher.aclose()
+
+        assert asyncio.run(run()) == b"uploaded"
+
+
+@pytest.mark.parametrize("ref", ["file:///etc/passwd", "gopher://127.0.0.3/", "ftp://127.0.0.3/x",
+                                 "dict://127.0.0.3:11211/", "javascript:alert(1)"])
+def test_other_schemes_are_refused(ref):
+    with pytest.raises(ImageRefused, match="unsupported image reference"):
+        fetch(ref, "127.0.0.0/8")
+
+
+def test_names_that_do_not_resolve_are_fetch_errors():
+    with pytest.raises(FetchError, match="could not connect"):
+        fetch("http://no-such-host.invalid/a.png", "")
+
+
+def test_the_test_suite_itself_cannot_reach_beyond_loopback():
+    """conftest installs a guard: a test that would touch the network fails instead."""
+    import socket
+
+    with socket.socket() as raw, pytest.raises(ConnectionRefusedError, match="test network guard"):
+        raw.connect(("10.255.255.1", 80))
+    with pytest.raises(socket.gaierror, match="test network guard"):
+        socket.getaddrinfo("example.com", 443)
