@@ -60,6 +60,7 @@ class ImageFetcher:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.FETCH_TIMEOUT_S, connect=settings.CONNECT_TIMEOUT_S),
             follow_redirects=False,
+            trust_env=False,  # no proxies from the environment, no ~/.netrc credentials
             headers={"User-Agent": USER_AGENT},
             transport=transport or GuardedTransport(self.policy, limits),
         )

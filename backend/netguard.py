@@ -139,14 +139,15 @@ async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, connecting only where `policy` allows. Environment proxies are not
-    used: a proxy would resolve names itself and make the guard meaningless."""
+    """httpx's transport, connecting only where `policy` allows. No proxy is used (a proxy
+    would resolve names itself and make the guard meaningless); SSL_CERT_FILE/SSL_CERT_DIR are
+    honoured, for Label Studio behind a private CA."""
 
     def __init__(self, policy: AddressPolicy, limits: httpx.Limits) -> None:
         super().__init__(limits=limits, trust_env=False)
         # httpx has no public hook for the network backend: rebuild its pool with ours.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=httpx.create_ssl_context(trust_env=True),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

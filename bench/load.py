@@ -15,7 +15,9 @@ Each downloaded image carries distinct bytes, as new tasks do, so every image is
 decoded and encoded (--repeat-images serves identical bytes: repeats hit the embedding cache).
 Timeouts are Label Studio's: 1 s for /health and /webhook, 100 s for /predict.
 Error: a transport error, a timeout, a non-2xx answer or a task answered without a result.
-A 503 counts as an error unless --overload (then it is load shed); it is reported either way.
+A 503 counts as an error unless --overload (then it is load shed); it is reported either way,
+and the client waits as its Retry-After asks. The server reads the environment this script gets:
+`MAX_PENDING_TASKS=100 python bench/load.py --overload` exercises its admission control.
 Exit status 0 when there are no errors and /health p99 < 100 ms, else 1 (the reasons printed).
 """
 
@@ -101,11 +103,10 @@ class Report:
     seconds: float = 0.0
     rss_mib: list[float] = field(default_factory=list)
     """Server RSS sampled every second, from start to end."""
+    cpu_cores: tuple[float, ...] = (0.0, 0.0, 0.0)
+    """CPU time / wall time during the load: the server, this process, all other processes."""
     counters: dict[str, float] = field(default_factory=dict)
     log: str = ""
-
-    cpu_cores: tuple[float, float] = (0.0, 0.0)
-    """CPU time / wall time of the server and of this process during the load."""
 
     def errors(self) -> Counter[str]:
         return sum((Counter({f"{route} {k}": n for k, n in t.errors(self.args.overload).items()})
@@ -156,6 +157,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time all processes used: the first line of /proc/stat less idle and iowait."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_clock(pid: int) -> tuple[float, float, float, float]:
+    """CPU seconds of the server, of this process and of the machine; the wall clock."""
+    return cpu_seconds(pid), time.process_time(), machine_cpu_seconds(), time.perf_counter()
+
+
+def cores_used(start: tuple[float, ...], end: tuple[float, ...]) -> tuple[float, ...]:
+    """(server, this process, other processes) CPU cores used between two cpu_clock()s."""
+    server, this, machine, wall = (b - a for a, b in zip(start, end))
+    return server / wall, this / wall, max(0.0, machine - server - this) / wall
+
+
 def pool_images() -> Iterator[tuple[str, bytes]]:
     """(format, bytes) of every POOL image: photo-like content, so sizes are realistic."""
     from bench.predict_throughput import photo_like_jpeg  # imports torch: keep out of the prober
@@ -204,9 +222,18 @@ async def request(client: httpx.AsyncClient, tally: Tally, path: str,
         return None
     if not response.is_success:
         tally.count(str(response.status_code), detail=response.text)
+        if response.status_code == 503:  # shed: back off as asked, as a polite client does
+            await asyncio.sleep(retry_after_s(response))
         return None
     tally.count("ok", time.perf_counter() - started)
     return response
+
+
+def retry_after_s(response: httpx.Response) -> float:
+    try:
+        return float(response.headers.get("retry-after", "1"))
+    except ValueError:  # an HTTP date: not sent by this backend
+        return 1.0
 
 
 def predict_body(rng: random.Random, ids: Iterator[int], urls: list[str]) -> dict[str, Any]:
@@ -238,7 +265,7 @@ async def webhook_client(client: httpx.AsyncClient, tally: Tally, urls: list[str
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         annotation = next(ids)
-        event = annotation_event(annotation, annotation,
+        event = annotation_event(annotation, annotation,  # one annotation per task
                                  choice_result(rng.choice(LABELS), control="category"),
                                  project_id=1, image=rng.choice(urls), label_config=CONFIG)
         if await request(client, tally, "/webhook", event) is not None:
@@ -322,11 +349,9 @@ def run(args: argparse.Namespace, tmp: Path) -> Report:
         warm_up(backend.url, urls)
         before = read_counters(backend)
         report.rss_mib.append(rss_mib(backend.pid))
-        cpu = cpu_seconds(backend.pid), time.process_time(), time.perf_counter()
+        start = cpu_clock(backend.pid)
         asyncio.run(load(backend, urls, report, prober))
-        wall = time.perf_counter() - cpu[2]
-        report.cpu_cores = ((cpu_seconds(backend.pid) - cpu[0]) / wall,
-                            (time.process_time() - cpu[1]) / wall)
+        report.cpu_cores = cores_used(start, cpu_clock(backend.pid))
         report.rss_mib.append(rss_mib(backend.pid))
         report.counters = {k: v - before[k] for k, v in read_counters(backend).items()}
     report.log = summarise_log(log_path.read_text(errors="replace"))
@@ -367,9 +392,10 @@ def print_report(report: Report) -> None:
     for route, tally in report.tallies.items():
         print(route_line(route, tally, report))
     c = report.counters
-    print(f"server RSS MiB: start {rss[0]:.0f}, middle {rss[len(rss) // 2]:.0f}, peak "
-          f"{max(rss):.0f}, end {rss[-1]:.0f} ({rss[-1] - rss[0]:+.0f}); CPU cores used: server "
-          f"{report.cpu_cores[0]:.2f}, this process {report.cpu_cores[1]:.2f}")
+    quarters = " -> ".join(f"{rss[len(rss) * i // 4]:.0f}" for i in range(4))
+    print(f"server RSS MiB each quarter: {quarters} -> {rss[-1]:.0f} at the end "
+          f"({rss[-1] - rss[0]:+.0f}, peak {max(rss):.0f}); CPU cores used: server "
+          "{:.2f}, this process {:.2f}, other processes {:.2f}".format(*report.cpu_cores))
     print(f"images encoded {c['encoded']:.0f}, embedding-cache hits {c['cache hits']:.0f}, "
           f"corrections logged {c['corrections']:.0f}")
     errors = report.errors()

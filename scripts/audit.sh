@@ -15,10 +15,11 @@ VENV=${VENV:-.venv}
 # Advisories ignored, each with why: only those no version bump available here fixes, or that
 # cannot affect this project. Review this list whenever a dependency changes.
 #
-# PyJWT < 2.14.0 (from PyJWT's changelog): label-studio-sdk 2.1.2, the latest, requires
-# pyjwt<2.14, so no bump can fix them. And this backend never verifies a JWT: it reads the
-# expiry of Label Studio's token without PyJWT (backend/labelstudio.py), and the SDK is used only
-# to parse label configs (backend/labels.py), never its token client.
+# PyJWT < 2.14.0 (IDs from PyJWT's 2.14.0 changelog). label-studio-sdk 2.1.2, the latest,
+# requires pyjwt<2.14: pyjwt>=2.14 resolves only by downgrading the SDK to 2.1.0. And none can
+# reach this backend: it never verifies a JWT (it reads the expiry of Label Studio's token
+# without PyJWT, backend/labelstudio.py) and uses the SDK only to parse label configs
+# (backend/labels.py), never its token client.
 IGNORE=(
   GHSA-r6x4-923q-g947  # HMAC key validation: we never verify signatures with HMAC keys
   GHSA-ffc3-869f-jxw9  # HMAC key validation: idem
