@@ -23,6 +23,7 @@ from .export import ExportError, correction_rows, export_corrections, summary
 from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+KEEP_ALIVE_S = 75
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +92,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         workers=workers,
         log_level=settings.LOG_LEVEL.lower(),
         timeout_graceful_shutdown=60,
+        # longer than the Retry-After of a shed request, so the retry finds its connection open
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
 

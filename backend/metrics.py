@@ -11,6 +11,7 @@ REQUEST_SECONDS = Histogram(
     "backend_http_request_duration_seconds", "HTTP request latency by route", ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100),
 )
+SHED = Counter("backend_requests_shed_total", "Requests refused with 503 under overload")
 TASKS = Counter("backend_predict_tasks_total", "Tasks predicted, by outcome", ["outcome"])
 TASK_FAILURES = Counter(
     "backend_task_failures_total", "Tasks (or controls) that failed, by error kind", ["kind"]

@@ -229,7 +229,10 @@ def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Tas
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def backend_error(request: Request, exc: Exception) -> JSONResponse:
         status = next((code for kind, code in _STATUS_FOR if isinstance(exc, kind)), 500)
-        log.warning("%s %s → %d: %s", request.method, request.url.path, status, exc)
+        if isinstance(exc, Overloaded):  # can be hundreds a second: counted, not logged
+            metrics.SHED.inc()
+        else:
+            log.warning("%s %s → %d: %s", request.method, request.url.path, status, exc)
         headers = {"Retry-After": "5"} if isinstance(exc, Overloaded) else None
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status,
                             headers=headers)

@@ -77,14 +77,15 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     units: int = 0
     """Images predicted (/predict) or events accepted (/webhook)."""
-    first_failure: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+    """The first answer or exception message of each kind of failure."""
 
     def count(self, outcome: str, latency: float | None = None, detail: str = "") -> None:
         self.outcomes[outcome] += 1
         if latency is not None:
             self.latencies.append(latency)
-        if outcome != "ok" and not self.first_failure:
-            self.first_failure = f"{outcome}: {detail}"[:300]
+        if outcome != "ok":
+            self.details.setdefault(outcome, detail[:300])
 
     def errors(self, overload: bool) -> Counter[str]:
         return Counter({key: n for key, n in self.outcomes.items()
@@ -134,15 +135,10 @@ def backend_env(args: argparse.Namespace, tmp: Path) -> dict[str, str]:
 
 
 def start_backend(env: dict[str, str], log_path: Path) -> Any:
-    """`python -m backend serve` (the end-to-end tests' BackendProcess), with its pid."""
-    from tests.e2e.test_prelabel_e2e import BackendProcess  # heavy: keep out of the prober
+    """`python -m backend serve`, as users run it."""
+    from tests.support.backend_process import BackendProcess  # heavy: keep out of the prober
 
-    class Backend(BackendProcess):
-        @property
-        def pid(self) -> int:
-            return int(self._process.pid)
-
-    return Backend(env, log_path)
+    return BackendProcess(env, log_path)
 
 
 def rss_mib(pid: int) -> float:
@@ -360,6 +356,8 @@ def run(args: argparse.Namespace, tmp: Path) -> Report:
 
 # --- the report ------------------------------------------------------------------------------
 SEVERE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
+NUMBER = re.compile(r"(?<![\w-])\d+(?![\w-])")
+"""A number on its own (ids, counts), not part of a name such as ViT-B-32."""
 
 
 def summarise_log(text: str) -> str:
@@ -367,7 +365,7 @@ def summarise_log(text: str) -> str:
     found = [(m.group(1), line) for line in text.splitlines() if (m := SEVERE.search(line))]
     if not found:
         return "server log: no warnings or errors"
-    shapes = Counter(re.sub(r"\d+", "N", line.split(": ", 1)[-1])[:160] for _, line in found)
+    shapes = Counter(NUMBER.sub("N", line.split(": ", 1)[-1])[:160] for _, line in found)
     levels = Counter(level for level, _ in found)
     top = "".join(f"\n  {n:>6} x {shape}" for shape, n in shapes.most_common(5))
     return f"server log: {dict(levels)}; most frequent:{top}"
@@ -401,8 +399,8 @@ def print_report(report: Report) -> None:
     errors = report.errors()
     print("errors: " + (", ".join(f"{k} x{n}" for k, n in errors.most_common()) or "none"))
     for route, tally in report.tallies.items():
-        if tally.first_failure:
-            print(f"  first {route} failure: {tally.first_failure}")
+        for outcome in tally.errors(args.overload):
+            print(f"  first {route} {outcome}: {tally.details.get(outcome) or '-'}")
     print(report.log)
     failures = report.failures()
     print("FAIL: " + "; ".join(failures) if failures else

@@ -15,10 +15,10 @@ VENV=${VENV:-.venv}
 # Advisories ignored, each with why: only those no version bump available here fixes, or that
 # cannot affect this project. Review this list whenever a dependency changes.
 #
-# PyJWT < 2.14.0 (IDs from PyJWT's 2.14.0 changelog). label-studio-sdk 2.1.2, the latest,
-# requires pyjwt<2.14: pyjwt>=2.14 resolves only by downgrading the SDK to 2.1.0. And none can
-# reach this backend: it never verifies a JWT (it reads the expiry of Label Studio's token
-# without PyJWT, backend/labelstudio.py) and uses the SDK only to parse label configs
+# PyJWT 2.13.0: the 13 advisories PYSEC-2026-4140…4152, fixed in 2.14.0. label-studio-sdk
+# 2.1.2, the latest, requires pyjwt<2.14: pyjwt>=2.14 resolves only by downgrading the SDK to
+# 2.1.0. And none can reach this backend: it never calls PyJWT (it reads the expiry of Label
+# Studio's token itself, backend/labelstudio.py) and uses the SDK only to parse label configs
 # (backend/labels.py), never its token client.
 IGNORE=(
   GHSA-r6x4-923q-g947  # HMAC key validation: we never verify signatures with HMAC keys
@@ -31,6 +31,10 @@ IGNORE=(
   GHSA-8wjv-2p76-3863  # recursion on nested JWS/JWK input: we decode no JWS with PyJWT
   GHSA-w6j9-cwv2-h6wq  # recursion on malformed JWK sets: we parse no JWK set
   GHSA-hxm8-2xgr-2p9m  # compact JWS encoding rules when decoding: we decode no JWS with PyJWT
+  GHSA-9j54-fg26-wv3r  # public-key material accepted as HMAC secret: we prepare no keys
+  GHSA-jwrc-g2q2-pq5p  # ReDoS in is_pem_format (HMAC key preparation): we prepare no keys
+  GHSA-42vr-xj54-vc7v  # RecursionError parsing a token before verification: we parse none
+  GHSA-gvp8-978c-rx2q  # claim verification on a reused options dict: we verify no claims
 )
 
 if [[ ! -x "$VENV/bin/pip-audit" ]]; then
@@ -56,8 +60,8 @@ import json
 import sys
 
 deps = json.load(open(sys.argv[1]))["dependencies"]
-skipped = [d for d in deps if d.get("skip_reason", "distribution marked as editable")
-           != "distribution marked as editable"]
+ours = "distribution marked as editable"  # this project itself (--skip-editable)
+skipped = [d for d in deps if "skip_reason" in d and d["skip_reason"] != ours]
 if skipped:
     for d in skipped[:5]:
         print(f"  {d['name']}: {d['skip_reason']}", file=sys.stderr)

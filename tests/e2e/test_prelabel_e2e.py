@@ -7,17 +7,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from lxml import etree
-from prometheus_client.parser import text_string_to_metric_families
 
 from backend.config import load_settings
 from backend.images import ImageFetcher
@@ -26,8 +21,8 @@ from tests.e2e.label_studio import (
     LabelStudioClient,
     LabelStudioServer,
     create_personal_access_token,
-    free_port,
 )
+from tests.support.backend_process import BackendProcess
 from tests.support.http_server import LoopbackServer, Route
 from tests.support.microclip import (
     COLOURS,
@@ -53,47 +48,6 @@ def config_with_testbed_labels(example: str) -> str:
     for label in LABELS:
         etree.SubElement(choices, "Choice", value=label)
     return etree.tostring(root, encoding="unicode")
-
-
-class BackendProcess:
-    """`python -m backend serve` as users run it, on a loopback port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port),
-                     "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-    def __enter__(self) -> BackendProcess:
-        self._log = self.log_path.open("wb")
-        self._process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=REPO,
-                                         env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"backend exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).json()["model_state"] == "ready":
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"backend not ready: {self.log_path.read_text()[-3000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-        self._log.close()
-
-    def counter(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        return sum(sample.value for family in text_string_to_metric_families(text)
-                   for sample in family.samples
-                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 @pytest.fixture(scope="module")
