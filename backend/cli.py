@@ -3,6 +3,9 @@
     serve                start the ML backend server (port 9090 by default)
     export corrections   write the corrections dataset (JSONL, CSV or Parquet)
     export summary       print the model-vs-human summary (JSON)
+    heads list           a project's adapted heads and their held-out numbers
+    heads activate       roll a project back (or forward) to a head, or to zero-shot
+    report               write an HTML report of a project's heads (reliability, learning curve)
 
 Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings.
 """
@@ -18,8 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Settings, load_settings
-from .errors import ConfigError, StoreUnavailable
+from .errors import ConfigError, HeadNotFound, StoreUnavailable
 from .export import ExportError, correction_rows, export_corrections, summary
+from .head_registry import HeadRegistry
+from .report import render
 from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -52,7 +57,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes (default: WORKERS or 1)")
     serve.set_defaults(run=_serve)
     _export_parser(commands.add_parser("export", help="export the corrections log"))
+    _heads_parser(commands.add_parser("heads", help="list or activate adapted heads"))
+    report = commands.add_parser("report", help="HTML report of a project's adapted heads")
+    report.add_argument("--project", metavar="ID", required=True)
+    report.add_argument("--output", "-o", type=Path, metavar="FILE",
+                        default=Path("adaptation-report.html"))
+    report.set_defaults(run=_store_command, export=_write_report)
     return parser
+
+
+def _heads_parser(heads: argparse.ArgumentParser) -> None:
+    kinds = heads.add_subparsers(dest="kind", required=True, metavar="{list,activate}")
+    listing = kinds.add_parser("list", help="a project's heads as JSON (newest last)")
+    listing.set_defaults(run=_store_command, export=_list_heads)
+    activate = kinds.add_parser("activate", help="serve this head (h1, h2, …) or zero-shot")
+    activate.add_argument("head", metavar="HEAD", help="a head id from `heads list`, or zero-shot")
+    activate.set_defaults(run=_store_command, export=_activate_head)
+    for command in (listing, activate):
+        command.add_argument("--project", metavar="ID", required=True)
 
 
 def _export_parser(export: argparse.ArgumentParser) -> None:
@@ -69,9 +91,9 @@ def _export_parser(export: argparse.ArgumentParser) -> None:
                       help="include annotations deleted in Label Studio")
     rows.add_argument("--embeddings", action="store_true",
                       help="add image embeddings (parquet column, or a .npy next to --output)")
-    rows.set_defaults(run=_export, export=_write_corrections)
+    rows.set_defaults(run=_store_command, export=_write_corrections)
     summary = kinds.add_parser("summary", help="model-vs-human summary as JSON")
-    summary.set_defaults(run=_export, export=_print_summary)
+    summary.set_defaults(run=_store_command, export=_print_summary)
     for command in (rows, summary):
         command.add_argument("--project", metavar="ID",
                              help="Label Studio project id (default: all)")
@@ -98,14 +120,15 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(settings: Settings, args: argparse.Namespace) -> int:
+def _store_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Run `args.export` against the backend's existing store."""
     try:
         store = _existing_store(settings)
         try:
             args.export(store, settings, args)
         finally:
             store.close()
-    except (ConfigError, ExportError) as exc:
+    except (ConfigError, ExportError, HeadNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (StoreUnavailable, OSError) as exc:
@@ -154,3 +177,25 @@ def _model_label(settings: Settings) -> str:
 def _print_summary(store: Store, settings: Settings, args: argparse.Namespace) -> None:
     rows = correction_rows(store, project=args.project, since=args.since)
     print(json.dumps(summary(rows), indent=2, ensure_ascii=False))
+
+
+def _registry(store: Store, settings: Settings) -> HeadRegistry:
+    return HeadRegistry(store, _model_label(settings))
+
+
+def _list_heads(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    listing = _registry(store, settings).listing(args.project)
+    print(json.dumps({"project": args.project, "active": store.active_head(args.project),
+                      "heads": listing}, indent=2, ensure_ascii=False))
+
+
+def _activate_head(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    _registry(store, settings).activate(args.project, args.head)
+    print(f"project {args.project} now serves {args.head} (running backends pick it up within "
+          "seconds)", file=sys.stderr)
+
+
+def _write_report(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    page = render(args.project, store.heads(args.project), store.active_head(args.project))
+    args.output.write_text(page, encoding="utf-8")
+    print(f"wrote {args.output}", file=sys.stderr)

@@ -121,6 +121,16 @@ class Settings(BaseSettings):
         description="Redis connect/read timeout in seconds; past it, corrections are spooled.",
     )
 
+    # --- learning from corrections ---------------------------------------------------------
+    ADAPT: bool = Field(
+        True, description="Fit adapted, calibrated heads from corrections (on Label Studio's "
+        "Train button and every ADAPT_EVERY corrections). false = zero-shot only.",
+    )
+    ADAPT_EVERY: int = Field(
+        20, ge=0, description="Refit a project's head after this many new corrections; 0 = only "
+        "when Label Studio sends START_TRAINING.",
+    )
+
     # --- server ----------------------------------------------------------------------------
     HOST: str = Field("0.0.0.0", description="Interface the server listens on.")
     PORT: int = Field(9090, ge=1, le=65535, description="Port the server listens on.")

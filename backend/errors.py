@@ -10,6 +10,7 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── StoreUnavailable       Redis cannot be reached (writes are spooled, nothing is lost)
     ├── LimitExceeded          a request is larger than the configured limits (413)
     ├── Overloaded             too much work in progress; retry shortly (503)
+    ├── HeadNotFound           a rollback names an adapted head that does not exist (404)
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -46,6 +47,10 @@ class LimitExceeded(BackendError):
 
 class Overloaded(BackendError):
     """Too much work is already in progress; the request was shed before doing any."""
+
+
+class HeadNotFound(BackendError):
+    """A rollback names a head the project does not have."""
 
 
 class TaskError(BackendError):

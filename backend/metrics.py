@@ -30,3 +30,11 @@ WEBHOOKS = Counter("backend_webhook_events_total", "Webhook events received, by 
 MODEL_LOAD_SECONDS = Gauge("backend_model_load_seconds", "Time the model took to load")
 MODEL_READY = Gauge("backend_model_ready", "1 once the model is loaded and serving")
 INFERENCE_QUEUE = Gauge("backend_inference_queue_items", "Work items waiting for the model")
+HEAD_FITS = Counter(
+    "backend_head_fits_total", "Adapted-head fits, by outcome (published, kept, failed)",
+    ["outcome"],
+)
+HEAD_FIT_SECONDS = Histogram(
+    "backend_head_fit_duration_seconds", "Time to fit a project's heads from its corrections",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)

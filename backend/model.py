@@ -38,15 +38,17 @@ from .errors import (
     TaskError,
 )
 from .feedback import Entry, entries_from_webhook, prediction_entry
+from .head_registry import ZERO_SHOT_HEAD, ActiveHead, HeadRegistry
 from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
 from .labelstudio import LabelStudioAccess, project_key
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
 from .prompts import plan_prompts, prompt_set_hash
-from .scoring import Head, build_head, ensemble, probabilities
+from .scoring import Head, build_head, ensemble, label_logits, probabilities
 from .store import Store, embedding_key, open_store
 from .store.journal import Journal
 from .text_embeddings import TextEmbeddingCache
+from .training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class ProjectContext:
     model_version: str
     ls: LabelStudioAccess | None
     project: str | None = None
+    active: ActiveHead = ZERO_SHOT_HEAD
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,13 @@ class ZeroShotModel:
         self._heads: OrderedDict[str, Head] = OrderedDict()
         self._building: dict[str, asyncio.Future[Head]] = {}
         self._projects: dict[str, LabelStudioAccess] = {}
+        self._configs: OrderedDict[str, str] = OrderedDict()  # project → its last label config
         self._versions: OrderedDict[str, None] = OrderedDict()
         self.store = store or open_store(settings)
         self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
+        self.registry = HeadRegistry(self.store, self.embedding_model)
+        self.trainer = Trainer(self.store, self.registry, self._zero_shot_heads,
+                               settings.ADAPT_EVERY)
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
         self._lazy_waiting = 0
         # decoded images waiting for the encoder: bounded, so memory is too
@@ -160,6 +167,8 @@ class ZeroShotModel:
         log.info("model %s ready in %.1f s: %s", self.model_label, seconds, details)
 
     async def aclose(self) -> None:
+        await self.trainer.wait_idle()
+        await asyncio.to_thread(self.trainer.close)
         await asyncio.to_thread(self.worker.stop, 30.0)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         await self.fetcher.aclose()
@@ -185,10 +194,13 @@ class ZeroShotModel:
         return 64 if gpu else 8
 
     # --- setup: cheap, never touches the model ----------------------------------------------
-    def model_version(self, parsed: ParsedConfig) -> str:
-        """Backbone, weights and prompt-set hash, e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d`."""
+    def model_version(self, parsed: ParsedConfig, active: ActiveHead = ZERO_SHOT_HEAD) -> str:
+        """Backbone, weights, prompt-set hash and the project's adapted head if it has one,
+        e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d` or `…:p1a2b3c4d:h3`."""
         plans = [plan_prompts(space, self.settings.TEMPLATES) for space in parsed.spaces]
         version = f"{self.model_label}:p{prompt_set_hash(plans, parsed.spaces)}"
+        if active.id:
+            version += f":{active.id}"
         self._versions[version] = None
         self._versions.move_to_end(version)
         while len(self._versions) > MAX_VERSIONS_KEPT:
@@ -203,10 +215,24 @@ class ZeroShotModel:
               access_token: str | None = None) -> str:
         """Validate the config, remember how to reach Label Studio, return the model_version."""
         parsed = parse_label_config(label_config)
+        key = project_key(project)
+        if key is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._remember_config, key, label_config)
         if self.status.state == "failed":
             raise ModelUnavailable(f"The model failed to load: {self.status.error}")
         self.remember_project(project, hostname, access_token)
-        return self.model_version(parsed)
+        return self.model_version(parsed, self.active_head(project_key(project)))
+
+    def active_head(self, project: str | None) -> ActiveHead:
+        """The adapted head a project serves; zero-shot when it has none (or the store is
+        down and this process never read it)."""
+        if not self.settings.ADAPT:
+            return ZERO_SHOT_HEAD
+        try:
+            return self.registry.active(project)
+        except StoreUnavailable as exc:
+            log.debug("active head unknown: %s", exc)
+            return self.registry.last_known(project)
 
     def remember_project(self, project: Any, hostname: str | None, token: str | None) -> None:
         key = project_key(project)
@@ -239,8 +265,22 @@ class ZeroShotModel:
         encoder = await self.wait_ready()
         heads = [await self._head(space, encoder) for space in parsed.spaces]
         ls = self.label_studio(project)
-        return ProjectContext(parsed, tuple(heads), self.model_version(parsed), ls,
-                              project_key(project))
+        key = project_key(project)
+        if key is not None:
+            self._remember_config(key, label_config)
+        active = await asyncio.to_thread(self.active_head, key)
+        return ProjectContext(parsed, tuple(heads), self.model_version(parsed, active), ls,
+                              key, active)
+
+    def _remember_config(self, project: str, label_config: str) -> None:
+        self._configs[project] = label_config
+        self._configs.move_to_end(project)
+        while len(self._configs) > HEAD_CACHE_SIZE:
+            self._configs.popitem(last=False)
+
+    async def _zero_shot_heads(self, label_config: str) -> tuple[ParsedConfig, tuple[Head, ...]]:
+        ctx = await self.context(label_config)
+        return ctx.parsed, ctx.heads
 
     async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
                       label_config: str, project: Any = None) -> list[dict[str, Any]]:
@@ -324,9 +364,17 @@ class ZeroShotModel:
             if not isinstance(found, Embedded):
                 failed.setdefault(_reason(task_id, found), []).append(space.name)
                 continue
-            probs = probabilities(head, found.vector.unsqueeze(0))[0]
+            adapter = ctx.active.adapter_for(space)
+            vector = found.vector.unsqueeze(0)
+            if adapter is None:
+                probs, thresholds = probabilities(head, vector)[0], None
+            else:
+                z0 = label_logits(head, vector.float()).double().numpy()
+                probs = adapter.probabilities(z0, vector.double().numpy(), head.scoring)[0]
+                thresholds = adapter.thresholds
             rid = region_id(task_id, space.name, ctx.model_version)
-            outcomes.append(decide(space, probs, head.scoring, self.settings.TOP_K, rid))
+            outcomes.append(decide(space, probs, head.scoring, self.settings.TOP_K, rid,
+                                   thresholds))
         reasons = [f"task {task_id}: {why} (controls: {', '.join(names)})"
                    for why, names in failed.items()]
         for line in reasons:
@@ -387,12 +435,40 @@ class ZeroShotModel:
         metrics.WEBHOOKS.labels(event if event.isupper() and len(event) < 64 else "other").inc()
         entries = entries_from_webhook(data)
         self.journal.write(entries)
-        metrics.CORRECTIONS.inc(sum(entry.kind == "annotation" for entry in entries))
-        log.info("event %s for project %s: %d log entries", event,
-                 project_key(data.get("project")), len(entries))
-        if entries and self._loop is not None:
+        corrections = sum(entry.kind == "annotation" for entry in entries)
+        metrics.CORRECTIONS.inc(corrections)
+        project = project_key(data.get("project"))
+        log.info("event %s for project %s: %d log entries", event, project, len(entries))
+        answer: dict[str, Any] = {"status": "ok", "event": event, "recorded": len(entries)}
+        if self._loop is None:
+            return answer
+        if entries:
             asyncio.run_coroutine_threadsafe(self.embed_corrected_images(entries), self._loop)
-        return {"status": "ok", "event": event, "recorded": len(entries)}
+        if self.settings.ADAPT and project is not None:
+            config = _label_config(data)
+            if event == "START_TRAINING":
+                answer["job"] = self._call_on_loop(self.train, project, config, event)
+            elif corrections:
+                self._loop.call_soon_threadsafe(self._count_corrections, project, corrections,
+                                                config)
+        return answer
+
+    def _call_on_loop(self, fn: Any, *args: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(fn, *args), self._loop).result(5)
+
+    def _count_corrections(self, project: str, count: int, label_config: str | None) -> None:
+        """Queue a fit every ADAPT_EVERY corrections, after their images are embedded."""
+        config = label_config or self._configs.get(project)
+        self.trainer.corrections_logged(project, count, config)
+
+    def train(self, project: str, label_config: str | None, trigger: str) -> str:
+        """Queue a fit of the project's head (runs in the background). Call on the loop."""
+        config = label_config or self._configs.get(project)
+        if not config:
+            return ("not started: no label config known for this project yet (send /setup or "
+                    "/predict first)")
+        return f"{self.trainer.request(project, config, trigger)}: project {project}"
 
     async def embed_corrected_images(self, entries: Sequence[Entry]) -> None:
         """Embed the images of corrected tasks the backend never predicted (background)."""
@@ -415,6 +491,16 @@ class ZeroShotModel:
             await self._embed(ref, task_id, self.label_studio(entry.project))
         except BackendError as exc:
             log.warning("task %s: could not embed the corrected image: %s", task_id, exc)
+
+
+def _label_config(event: dict[str, Any]) -> str | None:
+    project = event.get("project")
+    config = project.get("label_config") if isinstance(project, dict) else None
+    return config if isinstance(config, str) and config else None
+
+
+async def _as_coroutine(fn: Any, *args: Any) -> Any:
+    return fn(*args)
 
 
 def _task_id(task: Task) -> int | None:

@@ -34,11 +34,14 @@ class ControlOutcome:
 
 
 def decide(space: LabelSpace, probs: Probs, scoring: Scoring, top_k: int,
-           region_id: str) -> ControlOutcome:
-    """Turn one control's (L,) probabilities into a region (or None) and its confidence."""
+           region_id: str, thresholds: Probs | None = None) -> ControlOutcome:
+    """Turn one control's (L,) probabilities into a region (or None) and its confidence.
+
+    `thresholds`: per-label multi-label thresholds learnt from corrections; a threshold
+    written in the label config wins over them."""
     order = np.argsort(-probs, kind="stable")
     if space.multiple:
-        chosen = _multi(space, probs, order)
+        chosen = _multi(space, probs, order, thresholds)
         score = float(min(probs[chosen])) if chosen else float(probs[order[0]])
         paths = [space.labels[i].path for i in chosen]
     else:
@@ -87,10 +90,17 @@ def _back_off(space: LabelSpace, probs: Probs, path: tuple[str, ...],
     return None
 
 
-def _multi(space: LabelSpace, probs: Probs, order: np.ndarray[Any, np.dtype[np.intp]]) -> list[int]:
+def _multi(space: LabelSpace, probs: Probs, order: np.ndarray[Any, np.dtype[np.intp]],
+           thresholds: Probs | None) -> list[int]:
     top = float(probs[order[0]])
-    cut = space.threshold if space.threshold is not None else RELATIVE_MULTI_THRESHOLD * top
-    chosen = [int(i) for i in order if probs[i] >= cut]
+    cuts: Probs
+    if space.threshold is not None:
+        cuts = np.full(len(probs), space.threshold)
+    elif thresholds is not None:
+        cuts = thresholds
+    else:
+        cuts = np.full(len(probs), RELATIVE_MULTI_THRESHOLD * top)
+    chosen = [int(i) for i in order if probs[i] >= cuts[i]]
     return chosen[: space.max_labels] if space.max_labels else chosen
 
 

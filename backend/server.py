@@ -34,6 +34,7 @@ from . import __version__, export, metrics
 from .config import Settings, load_settings
 from .errors import (
     BackendError,
+    HeadNotFound,
     LabelConfigError,
     LimitExceeded,
     ModelUnavailable,
@@ -54,6 +55,7 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
     (ModelUnavailable, 503),
     (StoreUnavailable, 503),
     (Overloaded, 503),
+    (HeadNotFound, 404),
 )
 
 
@@ -64,6 +66,11 @@ WEBHOOK_BODY = {"content": {"application/json": {"schema": {
     "properties": {"action": {"type": "string", "example": "ANNOTATION_CREATED"},
                    "project": {"type": "object"}, "annotation": {}, "task": {}},
 }}}, "required": True, "description": "A Label Studio webhook event"}
+
+
+class ActivateRequest(BaseModel):
+    project: str = Field(min_length=1, max_length=100)
+    head: str = Field(min_length=1, max_length=40, description="`h3`, or `zero-shot`")
 
 
 class SetupRequest(BaseModel):
@@ -157,6 +164,23 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
         return {"versions": model.issued_versions(), "model": model.model_label}
+
+    @app.get("/heads")
+    async def heads(project: str = Query(..., description="Label Studio project id")
+                    ) -> dict[str, Any]:
+        """The project's adapted heads with their held-out evidence; `active` marks the one
+        served (none active: zero-shot)."""
+        listing = await asyncio.to_thread(model.registry.listing, project)
+        run = model.trainer.runs.get(project)
+        return {"project": project, "heads": listing,
+                "active": await asyncio.to_thread(model.store.active_head, project),
+                "last_run": run.__dict__ if run else None}
+
+    @app.post("/heads/activate")
+    async def activate(body: ActivateRequest) -> dict[str, Any]:
+        """Roll a project back (or forward) to a stored head, or to `zero-shot`."""
+        await asyncio.to_thread(model.registry.activate, body.project, body.head)
+        return {"project": body.project, "active": body.head}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -128,3 +128,18 @@ def test_unreachable_redis_raises_store_unavailable():
         store.apply(created(1, 7, "Dog"))
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+def test_heads_are_numbered_per_project_listed_in_order_and_activated(store):
+    project = f"heads-{np.random.default_rng().integers(1 << 30)}"
+    assert store.heads(project) == [] and store.active_head(project) is None
+    first = store.put_head(project, {"note": "first"})
+    second = store.put_head(project, {"note": "second"})
+    assert (first, second) == ("h1", "h2")
+    assert [h["note"] for h in store.heads(project)] == ["first", "second"]
+    assert [h["id"] for h in store.heads(project)] == ["h1", "h2"]
+    assert store.put_head(project + "-other", {}) == "h1"
+    store.set_active_head(project, "h1")
+    assert store.active_head(project) == "h1"
+    store.set_active_head(project, "zero-shot")
+    assert store.active_head(project) == "zero-shot"

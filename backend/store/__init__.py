@@ -21,6 +21,8 @@ from ..config import Settings
 from ..feedback import Entry, build_correction, timestamp
 
 Record = dict[str, Any]
+ZERO_SHOT = "zero-shot"
+"""The active-head value of a project rolled back to pure zero-shot."""
 Vector = npt.NDArray[np.float32]
 
 
@@ -40,6 +42,20 @@ class Store(Protocol):
     def prediction(self, project: str, task: str) -> Record | None:
         """The latest prediction issued for a task."""
         ...
+
+    def put_head(self, project: str, record: Record) -> str:
+        """Store an adapted head; return its new id (`h1`, `h2`, … per project)."""
+        ...
+
+    def heads(self, project: str) -> list[Record]:
+        """A project's stored heads, oldest first."""
+        ...
+
+    def active_head(self, project: str) -> str | None:
+        """The id of the head a project serves; None (never trained) or ZERO_SHOT."""
+        ...
+
+    def set_active_head(self, project: str, head: str) -> None: ...
 
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None: ...
     def get_embedding(self, key: str) -> Vector | None: ...

@@ -11,6 +11,9 @@ With the default prefix `clip-backend` (STORE_PREFIX):
     clip-backend:prediction:{project}:{task}        string  latest issued prediction (JSON)
     clip-backend:embedding:{model}|{sha256}         string  image embedding, float16 bytes
     clip-backend:image:{model}|{sha1(ref)}          string  embedding key of the image at a ref
+    clip-backend:heads:{project}                    hash    adapted heads by id (h1, h2, …; JSON)
+    clip-backend:head-seq:{project}                 string  the last head number issued
+    clip-backend:active-head:{project}              string  the head the project serves
 """
 
 from __future__ import annotations
@@ -51,3 +54,12 @@ class Keys:
 
     def image(self, key: str) -> str:
         return self._key("image", key)
+
+    def heads(self, project: str) -> str:
+        return self._key("heads", project)
+
+    def head_seq(self, project: str) -> str:
+        return self._key("head-seq", project)
+
+    def active_head(self, project: str) -> str:
+        return self._key("active-head", project)

@@ -116,6 +116,24 @@ class RedisStore(BaseStore):
         raw = self._call(self._redis.get, self.keys.prediction(project, task))
         return json.loads(raw) if raw else None
 
+    def put_head(self, project: str, record: Record) -> str:
+        head = f"h{self._call(self._redis.incr, self.keys.head_seq(project))}"
+        self._call(self._redis.hset, self.keys.heads(project), head,
+                   json.dumps({**record, "id": head}, ensure_ascii=False))
+        return head
+
+    def heads(self, project: str) -> list[Record]:
+        stored = self._call(self._redis.hgetall, self.keys.heads(project))
+        records = [json.loads(record) for record in stored.values()]
+        return sorted(records, key=lambda record: int(record["id"][1:]))
+
+    def active_head(self, project: str) -> str | None:
+        raw = self._call(self._redis.get, self.keys.active_head(project))
+        return raw.decode() if raw else None
+
+    def set_active_head(self, project: str, head: str) -> None:
+        self._call(self._redis.set, self.keys.active_head(project), head)
+
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self.keys.embedding(key), pack(vector))

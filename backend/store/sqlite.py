@@ -6,6 +6,8 @@ Tables:
     predictions  the latest prediction issued per (project, task)
     embeddings   image embeddings (float16) by content key
     images       image reference → embedding key, per model
+    heads        adapted heads per project (`seq` gives the id: h1, h2, …)
+    active_heads the head each project serves
 
 WAL journal with `synchronous=FULL`: a write acknowledged to Label Studio survives a crash.
 """
@@ -34,6 +36,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     project TEXT NOT NULL, task TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, task));
 CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, embedding_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS heads (
+    project TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, seq));
+CREATE TABLE IF NOT EXISTS active_heads (project TEXT PRIMARY KEY, head TEXT NOT NULL);
 """
 
 
@@ -131,6 +136,32 @@ class SqliteStore(BaseStore):
         rows = self._read("SELECT record FROM predictions WHERE project = ? AND task = ?",
                           (project, task))
         return json.loads(str(rows[0][0])) if rows else None
+
+    def put_head(self, project: str, record: Record) -> str:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM heads "
+                                           "WHERE project = ?", (project,)).fetchone()
+                head = f"h{last + 1}"
+                self._db.execute("INSERT INTO heads VALUES (?, ?, ?)", (
+                    project, last + 1, json.dumps({**record, "id": head}, ensure_ascii=False)))
+                self._db.execute("COMMIT")
+                return head
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+
+    def heads(self, project: str) -> list[Record]:
+        rows = self._read("SELECT record FROM heads WHERE project = ? ORDER BY seq", (project,))
+        return [json.loads(str(record)) for (record,) in rows]
+
+    def active_head(self, project: str) -> str | None:
+        rows = self._read("SELECT head FROM active_heads WHERE project = ?", (project,))
+        return str(rows[0][0]) if rows else None
+
+    def set_active_head(self, project: str, head: str) -> None:
+        self._write([("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (project, head))])
 
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
         statements: list[tuple[str, tuple[object, ...]]] = [

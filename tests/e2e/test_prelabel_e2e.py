@@ -172,3 +172,42 @@ def test_uploaded_images_fetch_with_legacy_token_and_personal_access_token(label
 
     legacy, personal = asyncio.run(fetch(server.token)), asyncio.run(fetch(pat))
     assert legacy == personal == (tmp_path / "token-check.png").read_bytes()
+
+
+def test_train_button_publishes_a_head_and_label_studio_predicts_with_it(label_studio, backend):
+    """Annotate, press Train through the API: /setup answers a new model_version and
+    Retrieve predictions stores predictions carrying it."""
+    _, client = label_studio
+    config = config_with_testbed_labels("choices_single.xml")
+    project = client.create_project("clip-e2e-train", config)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    samples = held_out_images(pairs, 1, seed=31)  # one image per label
+    with LoopbackServer() as images:
+        tasks = []
+        for i, (image, colour, shape) in enumerate(samples):
+            url = images.add(f"/train/{i}.png", Route(png_bytes(image), content_type="image/png"))
+            tasks.append({"data": {"image": url, "truth": f"{colour} {shape}"}})
+        client.import_tasks(project, tasks)
+        ml_id = client.add_ml_backend(project, backend.url, title="clip")
+        zero_shot = client.get_ml_backend(ml_id)["model_version"]
+        client.retrieve_predictions(project)  # embeds every image once
+        listed = client.list_tasks(project)
+        before = backend.counter("backend_corrections_logged_total")
+        for task in listed:
+            client.create_annotation(task["id"], choice(task["data"]["truth"]))
+        assert eventually(lambda: backend.counter("backend_corrections_logged_total") == before + len(listed))
+        client.train(ml_id)
+
+        def head_version() -> str | None:
+            version = client.get_ml_backend(ml_id)["model_version"]  # LS re-runs /setup here
+            return version if version != zero_shot else None
+
+        assert eventually(head_version, timeout=120), httpx.get(
+            backend.url + "/heads", params={"project": project}).json()["last_run"]
+        adapted = head_version()
+        assert adapted.startswith(zero_shot + ":h")
+        client.retrieve_predictions(project)
+        after = client.list_tasks(project)
+    for task in after:
+        versions = {p["model_version"] for p in task["predictions"]}
+        assert adapted in versions, versions
