@@ -174,8 +174,8 @@ def test_uploaded_images_fetch_with_legacy_token_and_personal_access_token(label
     assert legacy == personal == (tmp_path / "token-check.png").read_bytes()
 
 
-@pytest.mark.xfail(strict=False, reason="flaky on a fresh clone: the guard sometimes rejects the "
-                   "40-correction head (or LS has not re-run /setup yet); see the closing note")
+@pytest.mark.xfail(strict=False, reason="raced with the automatic fit after 20 corrections (h1 vs "
+                   "h2); fixed, remove once a CI run confirms")
 def test_train_button_publishes_a_head_and_label_studio_predicts_with_it(label_studio, backend):
     """Annotate, press Train through the API: /setup answers a new model_version and
     Retrieve predictions stores predictions carrying it."""
@@ -211,6 +211,10 @@ def test_train_button_publishes_a_head_and_label_studio_predicts_with_it(label_s
         assert adapted.startswith(zero_shot + ":h")
         client.retrieve_predictions(project)
         after = client.list_tasks(project)
+        # ADAPT_EVERY (20) may have published a later head meanwhile: LS predicts with the
+        # version /setup answers at the time of the retrieval
+        adapted = client.get_ml_backend(ml_id)["model_version"]
+    assert adapted.startswith(zero_shot + ":h")
     for task in after:
         versions = {p["model_version"] for p in task["predictions"]}
         assert adapted in versions, versions
