@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         run = model.trainer.runs.get(project)
         return {"project": project, "heads": listing,
                 "active": await asyncio.to_thread(model.store.active_head, project),
+                "fitting": model.trainer.busy(project),
                 "last_run": run.__dict__ if run else None}
 
     @app.post("/heads/activate")

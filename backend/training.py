@@ -189,6 +189,10 @@ class Trainer:
             return "started"
         return "queued"
 
+    def busy(self, project: str) -> bool:
+        """Whether a fit of the project is running or queued."""
+        return project in self._running
+
     async def wait_idle(self, project: str | None = None) -> None:
         """Wait for the runs in flight (tests and shutdown)."""
         while tasks := [t for p, t in self._running.items() if project in (None, p)]:
