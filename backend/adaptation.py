@@ -55,7 +55,9 @@ MIN_FRESH = 5
 """Corrections the current head never saw, needed to compare it with a new one."""
 PROBE_MIN_PER_LABEL = 2
 PROBE_PULL = 1e-2
-PROBE_STEPS = 50
+PROBE_STEPS = 25
+SELECTION_CALIBRATION_ITEMS = 500
+"""Candidates are compared at a temperature fitted on about this many of their scores."""
 SEED = 0
 
 
@@ -292,8 +294,9 @@ def _select(head: Head, ex: Examples, z0: Array, text: Array,
         held_out = np.zeros_like(z0)
         for train, test in folds:
             held_out[test] = build(ex.subset(train), z0[train]).logits(z0[test], ex.vectors[test])
-        scores = single_label_scores(_softmax(held_out / fit_temperature(held_out, ex.labels)),
-                                     ex.labels)
+        sample = slice(0, None, max(1, len(ex) // SELECTION_CALIBRATION_ITEMS))
+        temperature = fit_temperature(held_out[sample], ex.labels[sample])
+        scores = single_label_scores(_softmax(held_out / temperature), ex.labels)
         key = (scores.accuracy, -scores.nll)
         if key > best_key:
             best, best_key = build, key
@@ -318,11 +321,10 @@ def _prototypes(head: Head, ex: Examples, text: Array, alpha: float, kappa: floa
 def _probe(head: Head, ex: Examples, z0: Array) -> Adapter:
     """Linear residual on centred features, L2-pulled to zero (the zero-shot head)."""
     centre = ex.vectors.mean(axis=0)
-    x = torch.from_numpy(ex.vectors - centre)
-    z = torch.from_numpy(z0)
+    x = torch.from_numpy(ex.vectors - centre).float()
+    z = torch.from_numpy(z0).float()
     y = torch.from_numpy(ex.labels)
-    weights = torch.zeros(ex.targets.shape[1], x.shape[1], dtype=torch.float64,
-                          requires_grad=True)
+    weights = torch.zeros(ex.targets.shape[1], x.shape[1], requires_grad=True)
     optimiser = torch.optim.LBFGS([weights], max_iter=PROBE_STEPS, line_search_fn="strong_wolfe")
     scale = head.logit_scale
 
@@ -334,7 +336,7 @@ def _probe(head: Head, ex: Examples, z0: Array) -> Adapter:
         return loss
 
     optimiser.step(closure)  # type: ignore[no-untyped-call]
-    residual = scale * weights.detach().numpy()
+    residual = scale * weights.detach().double().numpy()
     return Adapter("probe", residual, -(residual @ centre), params={"pull": PROBE_PULL})
 
 

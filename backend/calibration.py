@@ -24,6 +24,8 @@ ECE_BINS = 15
 MIN_POSITIVES_FOR_OWN_THRESHOLD = 10
 """A label's own multi-label threshold needs this many positives (a working rule)."""
 TEMPERATURE_PRIOR_ITEMS = 4.0
+GOLDEN_STEPS = 30
+"""Golden-section steps: the bracket [0.05, 20] shrinks to a relative precision of ~1e-5."""
 PLATT_PULL = 1.0
 """Strength of the pull of per-label Platt parameters toward the shared ones."""
 PLATT_PSEUDO_ITEMS = 20.0
@@ -121,7 +123,7 @@ def fit_temperature(logits: Array, truth: npt.NDArray[np.int64],
 
     low, high = np.log(0.05), np.log(20.0)
     ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(60):
+    for _ in range(GOLDEN_STEPS):
         a, b = high - ratio * (high - low), low + ratio * (high - low)
         if nll(a) < nll(b):
             high = b
