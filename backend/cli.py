@@ -1,10 +1,12 @@
 """Command line: `python -m backend <command>` (or the `clip-backend` script).
 
     serve                start the ML backend server (port 9090 by default)
+    doctor               check settings, store, Label Studio, device and model
     export corrections   write the corrections dataset (JSONL, CSV or Parquet)
     export summary       print the model-vs-human summary (JSON)
 
-Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings.
+Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings
+(doctor: 1 if any check failed).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 from .config import Settings, load_settings
 from .errors import ConfigError, StoreUnavailable
 from .export import ExportError, correction_rows, export_corrections, summary
+from .logs import configure_logging, logging_config
 from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,12 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.command == "doctor":  # it reports invalid settings itself, as a failed check
+        return _doctor(args)
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.LOG_LEVEL, format=LOG_FORMAT)
+    configure_logging(settings)
     result: int = args.run(settings, args)
     return result
 
@@ -52,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes (default: WORKERS or 1)")
     serve.set_defaults(run=_serve)
     _export_parser(commands.add_parser("export", help="export the corrections log"))
+    _doctor_parser(commands.add_parser("doctor", help="check the deployment: settings, store, "
+                                       "Label Studio, device, model"))
     return parser
 
 
@@ -80,10 +88,30 @@ def _export_parser(export: argparse.ArgumentParser) -> None:
                              "it says) or epoch seconds")
 
 
+def _doctor_parser(doctor: argparse.ArgumentParser) -> None:
+    doctor.add_argument("--skip-model", action="store_true",
+                        help="do not load the model (it may download weights and take minutes)")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    return doctor.run(sys.stdout, skip_model=args.skip_model)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     workers = args.workers or settings.WORKERS
+    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is over (in-flight
+    # requests answered, model.aclose() done): that ends a planned stop with status 0, not as
+    # "killed by SIGTERM". Before uvicorn takes the signal over, it stops start-up the same way.
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
         "backend.server:create_app",
         factory=True,
@@ -91,6 +119,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=args.port or settings.PORT,
         workers=workers,
         log_level=settings.LOG_LEVEL.lower(),
+        log_config=logging_config(settings),
         timeout_graceful_shutdown=60,
         # longer than the Retry-After of a shed request, so the retry finds its connection open
         timeout_keep_alive=KEEP_ALIVE_S,

@@ -30,3 +30,11 @@ WEBHOOKS = Counter("backend_webhook_events_total", "Webhook events received, by 
 MODEL_LOAD_SECONDS = Gauge("backend_model_load_seconds", "Time the model took to load")
 MODEL_READY = Gauge("backend_model_ready", "1 once the model is loaded and serving")
 INFERENCE_QUEUE = Gauge("backend_inference_queue_items", "Work items waiting for the model")
+INFERENCE_BATCH_SIZE = Histogram(
+    "backend_inference_batch_size", "Images per encoder batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+STORE_ERRORS = Counter(
+    "backend_store_errors_total", "Store calls that failed (store unreachable or timed out)",
+    ["store"],
+)
