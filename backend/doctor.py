@@ -19,7 +19,8 @@ import httpx
 
 from .config import Settings, load_settings
 from .errors import BackendError, ConfigError, FetchError, StoreUnavailable
-from .labelstudio import LabelStudioAccess
+from .labelstudio import LabelStudioAccess, origin
+from .netguard import AddressPolicy, GuardedTransport
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 WHOAMI = "/api/current-user/whoami"
@@ -165,13 +166,16 @@ def check_label_studio(settings: Settings) -> Check:
                      "hostname and token Label Studio sends in /setup (set LABEL_STUDIO_URL and "
                      "LABEL_STUDIO_API_KEY to check them here)")
     ls = LabelStudioAccess(url, settings.LABEL_STUDIO_API_KEY)
-    return asyncio.run(_probe(ls, settings.CONNECT_TIMEOUT_S))
+    return asyncio.run(_probe(ls, settings))
 
 
-async def _probe(ls: LabelStudioAccess, connect_timeout_s: float) -> Check:
-    timeout = httpx.Timeout(LS_TIMEOUT_S, connect=connect_timeout_s)
-    # like the image fetcher: no environment proxies, no redirects (the token stays on LS)
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+async def _probe(ls: LabelStudioAccess, settings: Settings) -> Check:
+    timeout = httpx.Timeout(LS_TIMEOUT_S, connect=settings.CONNECT_TIMEOUT_S)
+    # the image fetcher's transport (address guard, private CAs, no proxy) and no redirects
+    policy = AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, [origin(ls.url)[1]])
+    transport = GuardedTransport(policy, httpx.Limits())
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+                                 transport=transport) as client:
         try:
             headers = await ls.auth_headers(client)
             path = WHOAMI if ls.token else "/health"

@@ -112,6 +112,8 @@ def test_weights_and_state_are_cached_under_the_volume():
         assert re.search(rf"\b{name}=/data/", env), name
     for name in ("PORT=9090", "WORKERS=1", "THREADS=0", "HOST=0.0.0.0"):
         assert name in env
+    # an image-wide MODEL_NAME would make MODEL_CONFIG (custom architectures) fail validation
+    assert "MODEL_NAME=" not in env and "MODEL_PRETRAINED=" not in env
 
 
 def test_every_copied_path_exists_and_survives_dockerignore():
