@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -118,6 +120,7 @@ class InferenceWorker:
             return
         self.batches += 1
         self.items += len(live)
+        metrics.INFERENCE_BATCH_SIZE.observe(len(live))
         for row, job in zip(out, live):
             job.future.set_result(row)
 

@@ -1,13 +1,15 @@
 """Command line: `python -m backend <command>` (or the `clip-backend` script).
 
     serve                start the ML backend server (port 9090 by default)
+    doctor               check settings, store, Label Studio, device and model
     export corrections   write the corrections dataset (JSONL, CSV or Parquet)
     export summary       print the model-vs-human summary (JSON)
     heads list           a project's adapted heads and their held-out numbers
     heads activate       roll a project back (or forward) to a head, or to zero-shot
     report               write an HTML report of a project's heads (reliability, learning curve)
 
-Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings.
+Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings
+(doctor: 1 if any check failed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +27,7 @@ from .config import Settings, load_settings
 from .errors import ConfigError, HeadNotFound, StoreUnavailable
 from .export import ExportError, correction_rows, export_corrections, summary
 from .head_registry import HeadRegistry
+from .logs import configure_logging, logging_config
 from .report import render
 from .store import Store, open_store
 
@@ -37,12 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.command == "doctor":  # it reports invalid settings itself, as a failed check
+        return _doctor(args)
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.LOG_LEVEL, format=LOG_FORMAT)
+    configure_logging(settings)
     result: int = args.run(settings, args)
     return result
 
@@ -63,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", type=Path, metavar="FILE",
                         default=Path("adaptation-report.html"))
     report.set_defaults(run=_store_command, export=_write_report)
+    _doctor_parser(commands.add_parser("doctor", help="check the deployment: settings, store, "
+                                       "Label Studio, device, model"))
     return parser
 
 
@@ -102,10 +110,30 @@ def _export_parser(export: argparse.ArgumentParser) -> None:
                              "it says) or epoch seconds")
 
 
+def _doctor_parser(doctor: argparse.ArgumentParser) -> None:
+    doctor.add_argument("--skip-model", action="store_true",
+                        help="do not load the model (it may download weights and take minutes)")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    return doctor.run(sys.stdout, skip_model=args.skip_model)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     workers = args.workers or settings.WORKERS
+    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is over (in-flight
+    # requests answered, model.aclose() done): that ends a planned stop with status 0, not as
+    # "killed by SIGTERM". Before uvicorn takes the signal over, it stops start-up the same way.
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
         "backend.server:create_app",
         factory=True,
@@ -113,6 +141,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=args.port or settings.PORT,
         workers=workers,
         log_level=settings.LOG_LEVEL.lower(),
+        log_config=logging_config(settings),
         timeout_graceful_shutdown=60,
         # longer than the Retry-After of a shed request, so the retry finds its connection open
         timeout_keep_alive=KEEP_ALIVE_S,

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     HOST: str = Field("0.0.0.0", description="Interface the server listens on.")
     PORT: int = Field(9090, ge=1, le=65535, description="Port the server listens on.")
     WORKERS: int = Field(1, ge=1, description="Server processes; each loads its own model.")
+    THREADS: int = Field(
+        0, ge=0,
+        description="PyTorch CPU threads per server process (torch.set_num_threads); 0 = "
+        "PyTorch's default (one per core). With WORKERS > 1 on CPU, keep WORKERS x THREADS "
+        "at most the number of cores.",
+    )
     BASIC_AUTH_USER: str | None = Field(None, description="Require HTTP Basic auth (user).")
     BASIC_AUTH_PASS: str | None = Field(None, description="Require HTTP Basic auth (password).")
     WEBHOOK_SECRET: str | None = Field(
@@ -156,6 +162,11 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR."
     )
+    LOG_FORMAT: Literal["text", "json"] = Field(
+        "text",
+        description="text (one readable line per event) or json (one JSON object per line, for "
+        "log collectors); both carry the request id (X-Request-ID).",
+    )
 
     @field_validator("DEVICE")
     @classmethod
@@ -169,6 +180,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("LOG_FORMAT", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("LABEL_STUDIO_URL")
     @classmethod

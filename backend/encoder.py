@@ -176,6 +176,8 @@ def load_encoder(settings: Settings) -> OpenClipEncoder:
 
     spec = ModelSpec.from_settings(settings)
     device = resolve_device(settings.DEVICE)
+    if settings.THREADS:
+        torch.set_num_threads(settings.THREADS)
     if spec.config_path is not None:
         open_clip.add_model_config(str(spec.config_path))
     _check_known(open_clip, spec)

@@ -38,3 +38,11 @@ HEAD_FIT_SECONDS = Histogram(
     "backend_head_fit_duration_seconds", "Time to fit a project's heads from its corrections",
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+INFERENCE_BATCH_SIZE = Histogram(
+    "backend_inference_batch_size", "Images per encoder batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+STORE_ERRORS = Counter(
+    "backend_store_errors_total", "Store calls that failed (store unreachable or timed out)",
+    ["store"],
+)

@@ -1,5 +1,5 @@
-"""HTTP middleware: who may call (Basic auth, the webhook secret) and what every request costs
-(Prometheus)."""
+"""HTTP middleware: who may call (Basic auth, the webhook secret), what every request costs
+(Prometheus), and the request id its log lines carry (`logs.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from . import metrics
 from .config import Settings
+from .logs import RequestIdMiddleware
 
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 Handler = Callable[[Request], Awaitable[Response]]
@@ -26,6 +27,9 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     app.middleware("http")(_observe)
     if settings.auth_enabled or settings.WEBHOOK_SECRET:
         app.middleware("http")(_authenticate(settings))
+    # added last, so outermost: even a refused request gets an id, and every line logged
+    # while serving it carries that id
+    app.add_middleware(RequestIdMiddleware)
 
 
 def too_large(max_bytes: int) -> JSONResponse:

@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         model.start()
         yield
         await model.aclose()
+        log.info("stopped: in-flight work finished; corrections left in the spool for the next "
+                 "start: %d", model.journal.pending)
 
     app = FastAPI(title="CLIP zero-shot pre-labeling backend for Label Studio",
                   version=__version__, lifespan=lifespan,

@@ -199,3 +199,13 @@ def test_model_version_names_backbone_weights_and_prompts(tiny_settings):
     assert version.startswith("tiny-test-clip/none:p") and len(version.split(":p")[1]) == 8
     other = parse_label_config(config_for(CLASSES[:-1], "simple"))
     assert model.model_version(other) != version
+
+
+def test_threads_sets_pytorchs_cpu_threads(tiny_configs):
+    before = torch.get_num_threads()
+    try:
+        load_encoder(load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                                   THREADS=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from .. import metrics
 from ..errors import StoreUnavailable
 from ..feedback import Entry
 from . import BaseStore, Record, Vector, pack, ref_key, unpack
@@ -63,6 +64,7 @@ class RedisStore(BaseStore):
         try:
             return fn(*args, **kwargs)
         except _ERRORS as exc:
+            metrics.STORE_ERRORS.labels("redis").inc()
             raise StoreUnavailable(f"Redis at {self._where()} is unreachable "
                                    f"({type(exc).__name__}: {exc})") from None
 

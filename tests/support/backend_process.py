@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,11 @@ class BackendProcess:
     @property
     def pid(self) -> int:
         return int(self._process.pid)
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM, as `docker stop` sends it; the exit status once the process has ended."""
+        self._process.send_signal(signal.SIGTERM)
+        return self._process.wait(timeout)
 
     def __exit__(self, *exc: object) -> None:
         self._process.terminate()

@@ -1,0 +1,281 @@
+"""`python -m backend doctor`: check a deployment before Label Studio finds out it is broken.
+
+Checks, in order: settings, local state directory, store, Label Studio (URL and token), device,
+model. Each prints OK, WARN, FAIL or SKIP; a WARN or FAIL says what to set. Exit status: 1 if
+any check failed, else 0 (warnings alone do not fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, TextIO
+
+import httpx
+
+from .config import Settings, load_settings
+from .errors import BackendError, ConfigError, FetchError, StoreUnavailable
+from .labelstudio import LabelStudioAccess, origin
+from .netguard import AddressPolicy, GuardedTransport
+
+Status = Literal["OK", "WARN", "FAIL", "SKIP"]
+WHOAMI = "/api/current-user/whoami"
+LS_TIMEOUT_S = 10.0
+COMPOSE_HINT = "in Docker Compose use service names, e.g. {example}, never localhost"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+def run(out: TextIO, *, skip_model: bool = False) -> int:
+    """Run every check, print one line (plus a fix) per check; 1 if any failed, else 0."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        _print(out, Check("settings", "FAIL", str(exc), "set the variables named above "
+                          "(every setting is described in .env.example); nothing else was "
+                          "checked"))
+        return 1
+    checks = [Check("settings", "OK", "valid")]
+    _print(out, checks[0])
+    for check in _checks(settings, skip_model):
+        _print(out, check)
+        checks.append(check)
+    failed = sum(check.status == "FAIL" for check in checks)
+    warned = sum(check.status == "WARN" for check in checks)
+    out.write(f"\n{failed} failed, {warned} warnings, {len(checks)} checks\n")
+    return 1 if failed else 0
+
+
+def _checks(settings: Settings, skip_model: bool) -> Iterable[Check]:
+    steps: list[Callable[[Settings], Check]] = [check_model_dir, check_store,
+                                                check_label_studio]
+    for step in steps:
+        yield step(settings)
+    device = check_device(settings)
+    yield device
+    if skip_model:
+        yield Check("model", "SKIP", "--skip-model")
+    elif device.status == "FAIL":
+        yield Check("model", "SKIP", "not loaded: the device check failed")
+    else:
+        yield check_model(settings)
+
+
+def _print(out: TextIO, check: Check) -> None:
+    out.write(f"{check.status:<5} {check.name:<13} {check.detail}\n")
+    if check.fix and check.status in ("WARN", "FAIL"):
+        out.write(f"{'':<5} {'':<13} fix: {check.fix}\n")
+    out.flush()
+
+
+# --- local state and store -------------------------------------------------------------------
+def check_model_dir(settings: Settings) -> Check:
+    """MODEL_DIR holds the spool (always) and the embedded store (without Redis)."""
+    where = settings.MODEL_DIR.resolve()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return Check("model dir", "FAIL", f"{where} is not writable ({exc.strerror or exc})",
+                     "set MODEL_DIR to a writable directory (in Docker, a volume owned by the "
+                     "container's user); corrections are spooled there while the store is down")
+    spooled = _spooled_entries(where / "spool")
+    if spooled:
+        return Check("model dir", "WARN", f"{where}: {spooled} corrections spooled, waiting for "
+                     "the store", "start the store; the server replays the spool when it can")
+    return Check("model dir", "OK", f"{where} is writable")
+
+
+def _spooled_entries(spool: os.PathLike[str]) -> int:
+    try:
+        files = [entry for entry in os.scandir(spool)
+                 if entry.name.startswith("spool-") and entry.name.endswith(".jsonl")]
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for entry in files:
+        with open(entry.path, "rb") as handle:
+            total += sum(1 for _ in handle)
+    return total
+
+
+def check_store(settings: Settings) -> Check:
+    from .store import open_store
+
+    if not settings.REDIS_URL:
+        target = f"embedded SQLite store in {settings.MODEL_DIR}"
+        fix = "set MODEL_DIR to a writable directory, or REDIS_URL to a Redis"
+    else:
+        target = f"Redis at {_redacted(settings.REDIS_URL)}"
+        fix = ("start Redis, or set REDIS_URL to where it runs (" +
+               COMPOSE_HINT.format(example="redis://redis:6379/0") +
+               "); unset REDIS_URL to use the embedded SQLite store")
+    try:
+        store = open_store(settings)
+        try:
+            store.ping()
+        finally:
+            store.close()
+    except (StoreUnavailable, OSError) as exc:
+        return Check("store", "FAIL", str(exc), fix)
+    if settings.REDIS_URL:
+        return _redis_persistence(settings.REDIS_URL, settings.REDIS_TIMEOUT_S, target)
+    return Check("store", "OK", f"{target} is reachable")
+
+
+def _redis_persistence(url: str, timeout_s: float, target: str) -> Check:
+    """Acknowledged corrections live in Redis: without AOF, a Redis restart loses them."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                  socket_connect_timeout=timeout_s, decode_responses=True)
+    try:
+        appendonly = client.config_get("appendonly").get("appendonly")
+    except redis.RedisError:  # CONFIG is often disabled on managed Redis: cannot tell
+        return Check("store", "OK", f"{target} is reachable (persistence not checked)")
+    finally:
+        client.close()
+    if appendonly != "yes":
+        return Check("store", "WARN", f"{target} is reachable, but runs without AOF "
+                     "persistence: a Redis restart loses corrections",
+                     "start redis-server with --appendonly yes --appendfsync always")
+    return Check("store", "OK", f"{target} is reachable, AOF on")
+
+
+def _redacted(url: str) -> str:
+    parts = httpx.URL(url)
+    return str(parts.copy_with(password="***")) if parts.password else url
+
+
+# --- Label Studio ----------------------------------------------------------------------------
+def check_label_studio(settings: Settings) -> Check:
+    url = settings.LABEL_STUDIO_URL
+    if not url:
+        return Check("label studio", "SKIP", "LABEL_STUDIO_URL is not set: the backend uses the "
+                     "hostname and token Label Studio sends in /setup (set LABEL_STUDIO_URL and "
+                     "LABEL_STUDIO_API_KEY to check them here)")
+    ls = LabelStudioAccess(url, settings.LABEL_STUDIO_API_KEY)
+    return asyncio.run(_probe(ls, settings))
+
+
+async def _probe(ls: LabelStudioAccess, settings: Settings) -> Check:
+    timeout = httpx.Timeout(LS_TIMEOUT_S, connect=settings.CONNECT_TIMEOUT_S)
+    # the image fetcher's transport (address guard, private CAs, no proxy) and no redirects
+    policy = AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, [origin(ls.url)[1]])
+    transport = GuardedTransport(policy, httpx.Limits())
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+                                 transport=transport) as client:
+        try:
+            headers = await ls.auth_headers(client)
+            path = WHOAMI if ls.token else "/health"
+            response = await client.get(ls.absolute(path), headers=headers)
+        except FetchError as exc:  # the personal access token could not be exchanged
+            return Check("label studio", "FAIL", str(exc), _TOKEN_FIX)
+        except httpx.HTTPError as exc:
+            return Check("label studio", "FAIL", f"cannot reach Label Studio at {ls.url} "
+                         f"({type(exc).__name__}: {exc})", _unreachable_fix())
+    return _judge(ls, response)
+
+
+_TOKEN_FIX = ("set LABEL_STUDIO_API_KEY to a personal access token (Label Studio: Account & "
+              "Settings → Personal Access Token) or to a legacy token where those are enabled")
+
+
+def _unreachable_fix() -> str:
+    return ("set LABEL_STUDIO_URL to Label Studio's address as this backend reaches it (" +
+            COMPOSE_HINT.format(example="http://label-studio:8080") + ")")
+
+
+def _judge(ls: LabelStudioAccess, response: httpx.Response) -> Check:
+    code = response.status_code
+    if code == 200 and not ls.token:
+        return Check("label studio", "WARN", f"{ls.url} is up, but LABEL_STUDIO_API_KEY is not "
+                     "set: images stored in Label Studio are fetched with the legacy token "
+                     "from /setup, which Label Studio ≥ 1.22 disables by default", _TOKEN_FIX)
+    if code == 200:
+        who = _user(response)
+        return Check("label studio", "OK", f"{ls.url}: token accepted" + (f" ({who})" if who
+                                                                           else ""))
+    if code in (401, 403):
+        legacy_off = "legacy token" in response.text.lower()
+        why = ("legacy tokens are disabled in this organisation" if legacy_off
+               else "LABEL_STUDIO_API_KEY was refused")
+        return Check("label studio", "FAIL", f"{ls.url}: HTTP {code}, {why}", _TOKEN_FIX)
+    if code in (301, 302, 303, 307, 308):
+        return Check("label studio", "FAIL", f"{ls.url}{WHOAMI} redirects to "
+                     f"{response.headers.get('location')!r}", "set LABEL_STUDIO_URL to Label "
+                     "Studio's base URL itself (scheme, host, port; no path), e.g. "
+                     "http://label-studio:8080")
+    return Check("label studio", "FAIL", f"{ls.url}{WHOAMI}: HTTP {code}", _unreachable_fix())
+
+
+def _user(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    who = body.get("email") or body.get("username")
+    return str(who) if who else None
+
+
+# --- device and model ------------------------------------------------------------------------
+def check_device(settings: Settings) -> Check:
+    import torch
+
+    from .encoder import resolve_device
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    seen = (f"torch {torch.__version__}, CUDA devices: {cuda}" +
+            (f" ({torch.cuda.get_device_name(0)})" if cuda else "") + (", MPS" if mps else ""))
+    try:
+        device = resolve_device(settings.DEVICE)
+    except ConfigError as exc:
+        return Check("device", "FAIL", f"{exc} ({seen})", _device_fix(settings))
+    if device.type == "cuda" and device.index is not None and device.index >= cuda:
+        return Check("device", "FAIL", f"DEVICE={settings.DEVICE} but only {cuda} CUDA "
+                     f"device(s) are visible ({seen})", _device_fix(settings))
+    threads = settings.THREADS or torch.get_num_threads()
+    return Check("device", "OK", f"DEVICE={settings.DEVICE} → {device} ({seen}; "
+                 f"{threads} CPU threads)")
+
+
+def _device_fix(settings: Settings) -> str:
+    return ("set DEVICE=auto or cpu, or give the process the GPU (Docker: run the GPU image "
+            "with --gpus all; Compose: --profile gpu)"
+            if not settings.DEVICE.startswith("mps") else "set DEVICE=auto or cpu")
+
+
+def check_model(settings: Settings) -> Check:
+    """Load the model exactly as the server does (weights are downloaded if not cached)."""
+    from .encoder import ModelSpec, load_encoder
+
+    label = ModelSpec.from_settings(settings).label()
+    started = time.perf_counter()
+    try:
+        encoder = load_encoder(settings)
+        encoder.encode_texts(["a photo of a cat."])
+    except BackendError as exc:
+        return Check("model", "FAIL", f"{label}: {exc}", _MODEL_FIX)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the load is the answer
+        return Check("model", "FAIL", f"{label}: {type(exc).__name__}: {exc}", _MODEL_FIX)
+    return Check("model", "OK", f"{label} loaded and encoded a prompt in "
+                 f"{time.perf_counter() - started:.1f} s")
+
+
+_MODEL_FIX = ("set MODEL_NAME / MODEL_PRETRAINED (or MODEL_CONFIG) to a model this machine can "
+              "load; offline, point them at local files or set HF_HOME to a populated cache "
+              "with HF_HUB_OFFLINE=1 (README: Models)")
