@@ -83,7 +83,8 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "root": {"level": settings.LOG_LEVEL, "handlers": ["default"]},
         # uvicorn's own loggers propagate to the root handler instead of keeping their own;
         # httpx would log every image URL at INFO, presigned signatures included
-        "loggers": {**{name: {"handlers": [], "propagate": True}
+        # (their levels follow uvicorn's --log-level, set after this config is applied)
+        "loggers": {**{name: {"handlers": [], "propagate": True, "level": "NOTSET"}
                        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
                     **{name: {"level": "WARNING"} for name in ("httpx", "httpcore")}},
     }
