@@ -109,7 +109,7 @@ class Fit:
     adapter: Adapter
     accepted: bool
     reason: str
-    before: dict[str, float]  # zero-shot as served until now, on held-out corrections
+    before: dict[str, float]  # raw zero-shot (no calibration), on the corrections
     zero_shot: dict[str, float]  # zero-shot + calibration, held out
     after: dict[str, float]  # the served adapter, held out
     candidate: dict[str, float]  # the best adapted head, held out (even if rejected)

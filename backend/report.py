@@ -47,7 +47,7 @@ def _control(name: str, control: Record) -> str:
 
 def _numbers(control: Record) -> str:
     rows = []
-    for key, label in (("before", "zero-shot as served before"),
+    for key, label in (("before", "zero-shot, uncalibrated"),
                        ("zero_shot", "zero-shot, calibrated"),
                        ("candidate", "best adapted head"), ("after", "served now")):
         scores = control.get(key) or {}
