@@ -7,6 +7,8 @@
     heads list           a project's adapted heads and their held-out numbers
     heads activate       roll a project back (or forward) to a head, or to zero-shot
     report               write an HTML report of a project's heads (reliability, learning curve)
+    export selection     tasks to label next (uncertainty, coreset, cold start, …)
+    export review        tasks to check: likely label errors, disagreements, low confidence
 
 Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings
 (doctor: 1 if any check failed).
@@ -15,6 +17,7 @@ Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -22,13 +25,22 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import Settings, load_settings
-from .errors import ConfigError, HeadNotFound, StoreUnavailable
+from .errors import (
+    ConfigError,
+    HeadNotFound,
+    LabelConfigError,
+    ModelUnavailable,
+    StoreUnavailable,
+)
 from .export import ExportError, correction_rows, export_corrections, summary
 from .head_registry import HeadRegistry
 from .logs import configure_logging, logging_config
 from .report import render
+from .review import FORMATS, ReviewError, write
+from .selection import STRATEGIES
 from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -86,7 +98,8 @@ def _heads_parser(heads: argparse.ArgumentParser) -> None:
 
 
 def _export_parser(export: argparse.ArgumentParser) -> None:
-    kinds = export.add_subparsers(dest="kind", required=True, metavar="{corrections,summary}")
+    kinds = export.add_subparsers(dest="kind", required=True,
+                                  metavar="{corrections,summary,selection,review}")
     rows = kinds.add_parser("corrections", help="the corrections dataset, one row per "
                             "annotation and control")
     rows.add_argument("--format", choices=("jsonl", "csv", "parquet"),
@@ -102,12 +115,76 @@ def _export_parser(export: argparse.ArgumentParser) -> None:
     rows.set_defaults(run=_store_command, export=_write_corrections)
     summary = kinds.add_parser("summary", help="model-vs-human summary as JSON")
     summary.set_defaults(run=_store_command, export=_print_summary)
+    _review_parsers(kinds)
     for command in (rows, summary):
         command.add_argument("--project", metavar="ID",
                              help="Label Studio project id (default: all)")
         command.add_argument("--since", metavar="WHEN",
                              help="annotations updated since: ISO 8601 date/time (UTC unless "
                              "it says) or epoch seconds")
+
+
+def _review_parsers(kinds: Any) -> None:
+    pick = kinds.add_parser("selection", help="tasks to label next (loads the model)")
+    pick.add_argument("--strategy", default="uncertainty", choices=STRATEGIES)
+    pick.add_argument("--budget", type=int, default=50)
+    pick.add_argument("--seed", type=int, default=0)
+    pick.add_argument("--uncertainty", default="margin",
+                      choices=("margin", "entropy", "least_confidence"))
+    pick.add_argument("--random-fraction", type=float, default=0.1,
+                      help="share of the budget picked at random, for honest evaluation")
+    check = kinds.add_parser("review", help="tasks a human should check (loads the model)")
+    check.add_argument("--target-precision", type=float, default=0.95)
+    for command in (pick, check):
+        command.add_argument("--project", metavar="ID", required=True)
+        command.add_argument("--label-config", type=Path, metavar="XML", required=True,
+                             help="the project's label config (Settings → Labeling Interface "
+                             "→ Code)")
+        command.add_argument("--control", help="control name (default: the first one)")
+        command.add_argument("--format", choices=FORMATS, default="jsonl",
+                             help="labelstudio: tasks to import, with al_* fields to sort by")
+        command.add_argument("--output", "-o", type=Path, metavar="FILE",
+                             help="default: stdout")
+        command.set_defaults(run=_review_command)
+
+
+def _review_command(settings: Settings, args: argparse.Namespace) -> int:
+    params = ({"strategy": args.strategy, "budget": args.budget, "seed": args.seed,
+               "uncertainty": args.uncertainty, "random_fraction": args.random_fraction}
+              if args.kind == "selection" else {"target_precision": args.target_precision})
+    try:
+        config = args.label_config.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot read --label-config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows, header, data_key = asyncio.run(_review_rows(settings, args, config, params))
+        text = "".join(write(rows, header, args.format, args.kind, data_key))
+        if args.output:
+            args.output.write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+    except (ConfigError, ReviewError, LabelConfigError, ModelUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreUnavailable, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(rows)} rows ({args.kind}) for project {args.project}", file=sys.stderr)
+    return 0
+
+
+async def _review_rows(settings: Settings, args: argparse.Namespace, config: str,
+                       params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    from .model import ZeroShotModel
+
+    model = ZeroShotModel(settings, store=_existing_store(settings))
+    model.start()
+    try:
+        return await model.review_export(args.kind, args.project, label_config=config,
+                                         control=args.control, **params)
+    finally:
+        await model.aclose()
 
 
 def _doctor_parser(doctor: argparse.ArgumentParser) -> None:

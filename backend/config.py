@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         True, description="Fit adapted, calibrated heads from corrections (on Label Studio's "
         "Train button and every ADAPT_EVERY corrections). false = zero-shot only.",
     )
+    SYNC_MODEL_VERSION: bool = Field(
+        True, description="After predicting, set the Label Studio project's model_version to the "
+        "version emitted (needs LABEL_STUDIO_API_KEY), so the Data Manager's prediction score "
+        "column is filled and sortable. false = leave the project alone.",
+    )
     ADAPT_EVERY: int = Field(
         20, ge=0, description="Refit a project's head after this many new corrections; 0 = only "
         "when Label Studio sends START_TRAINING.",

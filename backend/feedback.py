@@ -126,14 +126,18 @@ def _deletion(event: dict[str, Any], project: str) -> list[Entry]:
 
 # --- /predict → entries --------------------------------------------------------------------
 def prediction_entry(project: str, task_id: Any, prediction: dict[str, Any],
-                     images: dict[str, dict[str, str | None]]) -> Entry:
-    """What was proposed for one task. `images`: control → {image_ref, embedding_key}."""
+                     images: dict[str, dict[str, Any]]) -> Entry:
+    """What was proposed for one task. `images`: control → {image_ref, embedding_key,
+    uncertainty}."""
     controls: dict[str, Any] = {}
     for region in prediction.get("result", []):
         name = region["from_name"]
         controls[name] = {"labels": _labels(region), "score": region.get("score"),
                           "top_k": region.get("top_k", []), "type": region.get("type"),
                           **images.get(name, {})}
+    for name, image in images.items():  # the model abstained: keep the image and how unsure
+        controls.setdefault(name, {"labels": [], "score": None, "top_k": [], "type": None,
+                                   "abstained": True, **image})
     data = {"task": str(task_id), "model_version": prediction.get("model_version"),
             "score": prediction.get("score"), "controls": controls,
             "predicted_at": time.time()}
@@ -160,9 +164,12 @@ def build_correction(entry: Entry, prediction: dict[str, Any] | None) -> dict[st
     controls = {}
     for name in dict.fromkeys([*predicted, *final]):
         labels, kind = final.get(name, ([], None))
-        guess = predicted.get(name)
-        image_ref = data["images"].get(name) or (guess or {}).get("image_ref")
-        same_image = (guess or {}).get("image_ref") == image_ref
+        shown = predicted.get(name)
+        guess = None if shown is not None and shown.get("abstained") else shown
+        if guess is None and not labels and name not in final:
+            continue  # the model abstained and the annotator left it empty: nothing happened
+        image_ref = data["images"].get(name) or (shown or {}).get("image_ref")
+        same_image = (shown or {}).get("image_ref") == image_ref
         controls[name] = {
             "final": labels,
             "predicted": guess["labels"] if guess else None,
@@ -172,7 +179,7 @@ def build_correction(entry: Entry, prediction: dict[str, Any] | None) -> dict[st
             "top_k": (guess or {}).get("top_k", []),
             "image_ref": image_ref,
             # the key of the image as it was predicted: only if the task still shows it
-            "embedding_key": (guess or {}).get("embedding_key") if same_image else None,
+            "embedding_key": (shown or {}).get("embedding_key") if same_image else None,
         }
     return {
         "project": entry.project, "task": data["task"], "annotation": data["annotation"],
@@ -198,7 +205,7 @@ def _predicted_controls(snapshot: dict[str, Any],
         if isinstance(region, dict) and "from_name" in region:
             shown = controls.setdefault(region["from_name"], {})
             shown.update(labels=_labels(region), score=region.get("score"),
-                         top_k=region.get("top_k", []), type=region.get("type"))
+                         top_k=region.get("top_k", []), type=region.get("type"), abstained=False)
     return controls
 
 

@@ -44,11 +44,14 @@ from .labels import LabelSpace, ParsedConfig, parse_label_config
 from .labelstudio import LabelStudioAccess, project_key
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
 from .prompts import plan_prompts, prompt_set_hash
+from .review import ReviewError, head_probabilities, project_view, review, selection
 from .scoring import Head, build_head, ensemble, label_logits, probabilities
 from .store import Store, embedding_key, open_store
 from .store.journal import Journal
 from .text_embeddings import TextEmbeddingCache
 from .training import Trainer
+from .uncertainty import measures
+from .version_sync import VersionSync
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ class ZeroShotModel:
         self.store = store or open_store(settings)
         self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
         self.registry = HeadRegistry(self.store, self.embedding_model)
+        self.version_sync = VersionSync(self.fetcher.policy)
         self.trainer = Trainer(self.store, self.registry, self._zero_shot_heads,
                                settings.ADAPT_EVERY)
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
@@ -171,6 +175,7 @@ class ZeroShotModel:
         await asyncio.to_thread(self.trainer.close)
         await asyncio.to_thread(self.worker.stop, 30.0)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        await self.version_sync.aclose()
         await self.fetcher.aclose()
         await asyncio.to_thread(self.journal.stop)
         self.store.close()
@@ -288,8 +293,12 @@ class ZeroShotModel:
         with self._admitted(len(tasks)):
             ctx = await self.context(label_config, project)
             embeddings = await self._embed_tasks(tasks, ctx)
-            results = [self._predict_task(task, embeddings, ctx) for task in tasks]
-            await self._record_predictions(tasks, results, embeddings, ctx)
+            unsure: list[dict[str, dict[str, float]]] = [{} for _ in tasks]
+            results = [self._predict_task(task, embeddings, ctx, unsure[i])
+                       for i, task in enumerate(tasks)]
+            await self._record_predictions(tasks, results, embeddings, ctx, unsure)
+        if self.settings.SYNC_MODEL_VERSION and any("result" in r for r in results):
+            self.version_sync.after_predict(ctx.project, ctx.model_version, ctx.ls)
         return results
 
     @contextlib.contextmanager
@@ -353,8 +362,9 @@ class ZeroShotModel:
                              draft_size=encoder.input_size, content_type=fetched.content_type)
         return encoder.preprocess(image)
 
-    def _predict_task(self, task: Task, embeddings: dict[str, Any],
-                      ctx: ProjectContext) -> dict[str, Any]:
+    def _predict_task(self, task: Task, embeddings: dict[str, Any], ctx: ProjectContext,
+                      unsure: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """The task's prediction; fills `unsure` with each control's uncertainty measures."""
         task_id = _task_id(task)
         outcomes: list[ControlOutcome] = []
         failed: dict[str, list[str]] = {}  # reason → controls it broke
@@ -373,6 +383,8 @@ class ZeroShotModel:
                 probs = adapter.probabilities(z0, vector.double().numpy(), head.scoring)[0]
                 thresholds = adapter.thresholds
             rid = region_id(task_id, space.name, ctx.model_version)
+            unsure[space.name] = {name: round(float(values[0]), 6) for name, values in measures(
+                probs[None, :], space.multiple, thresholds).items()}
             outcomes.append(decide(space, probs, head.scoring, self.settings.TOP_K, rid,
                                    thresholds))
         reasons = [f"task {task_id}: {why} (controls: {', '.join(names)})"
@@ -411,22 +423,55 @@ class ZeroShotModel:
                           encoder.logit_scale, encoder.logit_bias)
 
     async def _record_predictions(self, tasks: Sequence[Task], results: list[dict[str, Any]],
-                                  embeddings: dict[str, Any], ctx: ProjectContext) -> None:
+                                  embeddings: dict[str, Any], ctx: ProjectContext,
+                                  unsure: list[dict[str, dict[str, float]]]) -> None:
         """Log what was proposed per task and control, for the corrections that follow."""
         if ctx.project is None:
             return
         entries = []
-        for task, result in zip(tasks, results):
+        for task, result, measured in zip(tasks, results, unsure):
             if "result" not in result:
                 continue
-            images: dict[str, dict[str, str | None]] = {}
+            images: dict[str, dict[str, Any]] = {}
             for space in ctx.parsed.spaces:
                 ref = _image_ref(task, space)
                 found = embeddings.get(ref) if isinstance(ref, str) else None
                 if isinstance(ref, str) and isinstance(found, Embedded):
-                    images[space.name] = {"image_ref": ref, "embedding_key": found.key}
+                    images[space.name] = {"image_ref": ref, "embedding_key": found.key,
+                                          "uncertainty": measured.get(space.name)}
             entries.append(prediction_entry(ctx.project, _task_id(task), result, images))
         await asyncio.to_thread(self.journal.write, entries)
+
+    # --- what humans should look at next -------------------------------------------------------
+    async def review_export(self, kind: str, project: str, *, label_config: str | None = None,
+                            control: str | None = None, **params: Any
+                            ) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+        """Selection (`kind="selection"`) or review-queue rows for a project's control, their
+        header (strategy, parameters, model_version) and the image field's name."""
+        config = label_config or self._configs.get(project)
+        if not config:
+            raise ReviewError(f"no label config known for project {project}: Label Studio sends "
+                              "it with /setup and /predict (connect the backend first), or pass "
+                              "one (--label-config)")
+        ctx = await self.context(config, project)
+        found = [(s, h) for s, h in zip(ctx.parsed.spaces, ctx.heads)
+                 if control in (None, s.name)]
+        if not found:
+            names = ", ".join(s.name for s in ctx.parsed.spaces)
+            raise ReviewError(f"no control {control!r} in the label config; it has: {names}")
+        space, head = found[0]
+        adapter = ctx.active.adapter_for(space)
+
+        def compute() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            view = project_view(self.store, project, space, self.embedding_model)
+            probs = head_probabilities(view, head, adapter)
+            if kind == "selection":
+                return selection(view, probs, **params)
+            return review(view, probs, head, **params)
+
+        rows, header = await asyncio.to_thread(compute)
+        header.update(project=project, model_version=ctx.model_version)
+        return rows, header, space.data_key
 
     # --- fit ---------------------------------------------------------------------------------
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:

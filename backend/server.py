@@ -45,6 +45,7 @@ from .errors import (
 from .labelstudio import project_key
 from .middleware import install_middleware, too_large
 from .model import ZeroShotModel
+from .review import ReviewError, write
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
     (StoreUnavailable, 503),
     (Overloaded, 503),
     (HeadNotFound, 404),
+    (ReviewError, 422),
 )
 
 
@@ -218,12 +220,46 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
         chunks = export.jsonl_chunks(rows) if fmt == "jsonl" else export.csv_chunks(rows)
         return StreamingResponse(chunks, media_type=export.MEDIA_TYPES[fmt], headers=headers)
 
+    @app.get("/export/selection")
+    async def export_selection(
+            project: str, strategy: str = "uncertainty", budget: int = Query(50, ge=1, le=100_000),
+            seed: int = 0, uncertainty: str = "margin",
+            random_fraction: float = Query(0.1, ge=0.0, le=1.0), control: str | None = None,
+            fmt: str = Query("jsonl", alias="format")) -> Response:
+        """Tasks to label next: strategy uncertainty | coreset | uncertain_diverse |
+        cold_start | random; format jsonl | csv | labelstudio (tasks to import)."""
+        rows, header, data_key = await model.review_export(
+            "selection", project, control=control, strategy=strategy, budget=budget, seed=seed,
+            uncertainty=uncertainty, random_fraction=random_fraction)
+        return _review_response(rows, header, fmt, "selection", data_key, project)
+
+    @app.get("/export/review")
+    async def export_review(project: str, target_precision: float = Query(0.95, gt=0.0, le=1.0),
+                            control: str | None = None,
+                            fmt: str = Query("jsonl", alias="format")) -> Response:
+        """Tasks a human should check: likely label errors, model–annotator disagreements,
+        and predictions below the confidence that reaches `target_precision`."""
+        rows, header, data_key = await model.review_export(
+            "review", project, control=control, target_precision=target_precision)
+        return _review_response(rows, header, fmt, "review", data_key, project)
+
     @app.get("/export/summary")
     async def export_summary(project: str | None = None,
                              since: str | None = None) -> dict[str, Any]:
         export.parse_since(since)
         rows = export.correction_rows(model.store, project=project, since=since)
         return await asyncio.to_thread(export.summary, rows)
+
+
+def _review_response(rows: list[dict[str, Any]], header: dict[str, Any], fmt: str, kind: str,
+                     data_key: str, project: str) -> Response:
+    body = "".join(write(rows, header, fmt, kind, data_key))
+    suffix = {"jsonl": "jsonl", "csv": "csv", "labelstudio": "json"}[fmt]
+    media = {"jsonl": "application/x-ndjson", "csv": "text/csv",
+             "labelstudio": "application/json"}[fmt]
+    name = f"{kind}-project-{project}.{suffix}" if project.isdigit() else f"{kind}.{suffix}"
+    return Response(body, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 def _started(rows: Iterator[export.Row]) -> Iterator[export.Row]:

@@ -143,3 +143,13 @@ def test_heads_are_numbered_per_project_listed_in_order_and_activated(store):
     assert store.active_head(project) == "h1"
     store.set_active_head(project, "zero-shot")
     assert store.active_head(project) == "zero-shot"
+
+
+def test_a_projects_latest_predictions_are_listed(store):
+    project = f"listed-{np.random.default_rng().integers(1 << 30)}"
+    for task, version in ((3, "m:p1"), (5, "m:p1"), (3, "m:p2")):
+        store.apply(prediction_entry(project, task, {"model_version": version, "score": 0.5,
+                                                     "result": []}, {}))
+    listed = {p["task"]: p["model_version"] for p in store.predictions(project)}
+    assert listed == {"3": "m:p2", "5": "m:p1"}
+    assert list(store.predictions(project + "-none")) == []

@@ -43,6 +43,10 @@ class Store(Protocol):
         """The latest prediction issued for a task."""
         ...
 
+    def predictions(self, project: str) -> Iterator[Record]:
+        """The latest prediction issued for each of a project's tasks."""
+        ...
+
     def put_head(self, project: str, record: Record) -> str:
         """Store an adapted head; return its new id (`h1`, `h2`, … per project)."""
         ...

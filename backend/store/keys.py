@@ -9,6 +9,7 @@ With the default prefix `clip-backend` (STORE_PREFIX):
     clip-backend:corrections                        zset    all annotation ids by updated_ts
     clip-backend:task-annotations:{project}:{task}  set     annotation ids of one task
     clip-backend:prediction:{project}:{task}        string  latest issued prediction (JSON)
+    clip-backend:predicted-tasks:{project}          set     tasks with an issued prediction
     clip-backend:embedding:{model}|{sha256}         string  image embedding, float16 bytes
     clip-backend:image:{model}|{sha1(ref)}          string  embedding key of the image at a ref
     clip-backend:heads:{project}                    hash    adapted heads by id (h1, h2, …; JSON)
@@ -48,6 +49,9 @@ class Keys:
 
     def prediction(self, project: str, task: str) -> str:
         return self._key("prediction", project, task)
+
+    def predicted_tasks(self, project: str) -> str:
+        return self._key("predicted-tasks", project)
 
     def embedding(self, key: str) -> str:
         return self._key("embedding", key)

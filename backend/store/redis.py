@@ -74,7 +74,10 @@ class RedisStore(BaseStore):
 
     def _put_prediction(self, entry: Entry) -> bool:
         record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
-        self._call(self._redis.set, self.keys.prediction(entry.project, entry.data["task"]), record)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self.keys.prediction(entry.project, entry.data["task"]), record)
+        pipe.sadd(self.keys.predicted_tasks(entry.project), entry.data["task"])
+        self._call(pipe.execute)
         return True
 
     def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
@@ -135,6 +138,15 @@ class RedisStore(BaseStore):
 
     def set_active_head(self, project: str, head: str) -> None:
         self._call(self._redis.set, self.keys.active_head(project), head)
+
+    def predictions(self, project: str) -> Iterator[Record]:
+        tasks = sorted(t.decode() for t in self._call(self._redis.smembers,
+                                                       self.keys.predicted_tasks(project)))
+        for start in range(0, len(tasks), 500):
+            keys = [self.keys.prediction(project, task) for task in tasks[start:start + 500]]
+            for raw in self._call(self._redis.mget, keys):
+                if raw:
+                    yield json.loads(raw)
 
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
         pipe = self._redis.pipeline(transaction=True)

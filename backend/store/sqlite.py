@@ -163,6 +163,11 @@ class SqliteStore(BaseStore):
     def set_active_head(self, project: str, head: str) -> None:
         self._write([("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (project, head))])
 
+    def predictions(self, project: str) -> Iterator[Record]:
+        for (record,) in self._scan("SELECT record FROM predictions WHERE project = ? "
+                                    "ORDER BY task", (project,)):
+            yield json.loads(str(record))
+
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
         statements: list[tuple[str, tuple[object, ...]]] = [
             ("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", (key, pack(vector)))]

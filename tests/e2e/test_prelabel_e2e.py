@@ -213,3 +213,38 @@ def test_train_button_publishes_a_head_and_label_studio_predicts_with_it(label_s
     for task in after:
         versions = {p["model_version"] for p in task["predictions"]}
         assert adapted in versions, versions
+
+
+def test_prediction_scores_sort_in_label_studio_and_the_review_export_imports(label_studio, backend):
+    """The backend sets the project's model_version, so Label Studio's prediction score is
+    filled and sortable; a selection export imports into Label Studio with its fields."""
+    _, client = label_studio
+    config = config_with_testbed_labels("choices_single.xml")
+    project = client.create_project("clip-e2e-scores", config)
+    samples = held_out_images(sorted(UNSEEN_PAIRS) + SEEN[:5], 2, seed=41)  # mixed confidence
+    with LoopbackServer() as images:
+        tasks = [{"data": {"image": images.add(f"/scores/{i}.png", Route(png_bytes(image),
+                                                                      content_type="image/png"))}}
+                 for i, (image, _, _) in enumerate(samples)]
+        client.import_tasks(project, tasks)
+        ml_id = client.add_ml_backend(project, backend.url, title="clip")
+        client.retrieve_predictions(project)
+        version = client.get_ml_backend(ml_id)["model_version"]
+        assert eventually(lambda: client.get_project(project)["model_version"] == version, timeout=30)
+        query = json.dumps({"ordering": ["tasks:predictions_score"]})
+        listed = client.request("GET", "/api/tasks/", params={"project": project, "query": query,
+                                                             "page_size": 100})["tasks"]
+        scores = [task["predictions_score"] for task in listed]
+        assert len(scores) == len(samples) and None not in scores
+        assert scores == sorted(scores) and scores[0] < scores[-1]
+
+        response = httpx.get(backend.url + "/export/selection", timeout=60, params={
+            "project": project, "strategy": "uncertainty", "budget": 6, "format": "labelstudio"})
+        assert response.status_code == 200, response.text
+        review_project = client.create_project("clip-e2e-review", config)
+        client.import_tasks(review_project, response.json())
+        imported = client.list_tasks(review_project)
+    assert len(imported) == 6
+    for task in imported:
+        assert {"al_priority", "al_rank", "al_reason", "al_source_task"} <= set(task["data"])
+        assert task["data"]["image"].startswith("http://127.0.0.1")

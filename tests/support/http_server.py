@@ -87,6 +87,9 @@ class LoopbackServer:
             def do_POST(self) -> None:
                 self._serve()
 
+            def do_PATCH(self) -> None:
+                self._serve()
+
             def _serve(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 record = Recorded(self.command, self.path, dict(self.headers.items()),
