@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,20 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # test image servers listen on 127.0.0.1, which the SSRF guard refuses unless allowed;
     # tests of the guard itself set their own allow-list
     monkeypatch.setenv("IMAGE_URL_ALLOWLIST", "127.0.0.1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs the CLI configures logging onto that test's captured stderr; later
+    tests must not log into the closed stream."""
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error",
+                                                     "uvicorn.access", "httpx", "httpcore")]
+    saved = [(lg, lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, level, handlers, propagate, disabled in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate, lg.disabled = propagate, disabled
 
 
 @pytest.fixture(scope="session")
