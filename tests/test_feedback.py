@@ -122,3 +122,17 @@ def test_what_the_annotator_saw_wins_and_a_changed_image_drops_the_embedding():
 def test_unknown_model_version_is_none_not_a_string():
     guess = {"controls": {"choice": {"labels": ["Dog"], "type": "choices"}}, "model_version": None}
     assert record_for(annotation_event(10, 7, choice_result("Dog")), guess)["model_version"] is None
+
+
+def test_an_abstention_is_logged_with_its_image_and_counts_as_nothing_proposed():
+    entry = prediction_entry("4", 7, {"model_version": "m:p1", "score": 0.2, "result": []},
+                             {"choice": {"image_ref": "/data/upload/4/7.png", "embedding_key": "m|abc",
+                                         "uncertainty": {"margin": 0.01}}})
+    control = entry.data["controls"]["choice"]
+    assert control["abstained"] and control["labels"] == [] and control["uncertainty"] == {"margin": 0.01}
+    labelled = record_for(annotation_event(1, 7, choice_result("Dog")), {"project": "4", **entry.data})
+    assert labelled["controls"]["choice"]["status"] == "added"
+    assert labelled["controls"]["choice"]["predicted"] is None
+    assert labelled["controls"]["choice"]["embedding_key"] == "m|abc"  # learnable from
+    empty = record_for(annotation_event(2, 7, []), {"project": "4", **entry.data})
+    assert empty["controls"] == {}  # abstained and left empty: nothing happened

@@ -127,3 +127,51 @@ def test_flipped_labels_top_the_label_error_queue(micro_clip):
     recall = len(set(top.tolist()) & set(flipped.tolist())) / len(flipped)
     print(f"\nlabel errors: {recall:.0%} of the {len(flipped)} flipped labels in the top 10 %")
     assert recall >= 0.7
+
+
+def test_on_the_micro_clip_margin_sampling_needs_fewer_labels_than_random(micro_clip):
+    """Labels named by codes ("item A0", …) carry no meaning for the text tower, so zero-shot is
+    at chance and the head is learnt from corrections alone: where active learning matters."""
+    from tests.support.microclip import COLOURS, SHAPES, held_out_images, load_micro_clip
+
+    model, preprocess, tokenizer = load_micro_clip(micro_clip)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    codes = [f"item {chr(65 + i // 5)}{i % 5}" for i in range(len(pairs))]
+
+    def embed(images):
+        with torch.no_grad():
+            batch = torch.stack([preprocess(image) for image, _, _ in images])
+            return model.encode_image(batch, normalize=True).double().numpy()
+
+    pool_images, test_images = held_out_images(pairs, 12, seed=71), held_out_images(pairs, 16, seed=72)
+    x, x_test = embed(pool_images), embed(test_images)
+    y = np.array([pairs.index((c, s)) for _, c, s in pool_images])
+    y_test = np.array([pairs.index((c, s)) for _, c, s in test_images])
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([f"a photo of a {code}." for code in codes]), normalize=True)
+    head = Head(text.float(), torch.arange(len(codes)), len(codes), "mean", "softmax",
+                float(model.logit_scale.detach().exp()), 0.0)
+    labels = len(codes)
+
+    def run(strategy: str) -> list[tuple[int, float]]:
+        labelled = select("cold_start", 10, x, softmax(zero_shot_logits(head, x)), random_fraction=0.0, seed=1).index
+        curve = []
+        while len(labelled) <= 130:
+            adapter = adapt(head, Examples(x[labelled], np.eye(labels)[y[labelled]], np.zeros(len(labelled))),
+                            multiple=False).adapter
+            curve.append((len(labelled), float(np.mean(adapter.probabilities(
+                zero_shot_logits(head, x_test), x_test, "softmax").argmax(axis=1) == y_test))))
+            probs = adapter.probabilities(zero_shot_logits(head, x), x, "softmax")
+            pick = select(strategy, 10, x, probs, labelled=labelled, random_fraction=0.0, seed=len(labelled))
+            labelled = np.concatenate([labelled, pick.index])
+        return curve
+
+    random_curve, margin_curve = run("random"), run("uncertainty")
+    zero = float(np.mean(zero_shot_logits(head, x_test).argmax(axis=1) == y_test))
+    target = random_curve[-1][1]
+    needed = next(n for n, acc in margin_curve if acc >= target)
+    print(f"\nmicro CLIP, code-named labels: zero-shot {zero:.1%}; random reaches {target:.1%} with "
+          f"{random_curve[-1][0]} labels, margin with {needed}")
+    print("labels  random  margin\n" + "\n".join(f"{n:6d} {r:7.1%} {m:7.1%}" for (n, r), (_, m)
+                                                  in zip(random_curve, margin_curve)))
+    assert needed < random_curve[-1][0]
