@@ -74,7 +74,7 @@ def collect_examples(store: Store, project: str, space: LabelSpace,
         assert found is not None
         vectors.append(found)
         targets.append(row)
-        updated.append(timestamp(record.get("updated_at")) or record.get("received_at") or 0.0)
+        updated.append(_saved_at(record))
     if not vectors:
         return None, skipped
     stacked = np.stack(vectors).astype(np.float64)
@@ -110,6 +110,7 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
                 heads: tuple[Head, ...], trigger: str) -> tuple[str | None, Record]:
     """Fit every control of a project; publish a head if any control gained something."""
     started = time.perf_counter()
+    fitted_until = _fitted_until(store, project)  # before reading: later ones are unseen
     current = registry.active(project)
     controls: dict[str, Any] = {}
     notes: dict[str, Any] = {}
@@ -127,11 +128,22 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
         "project": project, "model": registry.model, "trigger": trigger,
         "created_at": time.time(), "seconds": round(time.perf_counter() - started, 3),
         "controls": controls, "not_fitted": notes,
-        "fitted_until": _fitted_until(store, project),
+        "fitted_until": fitted_until,
     }
     if not any(control["accepted"] for control in controls.values()):
         return None, record
+    _carry_over(store, project, current.id, parsed, controls)
     return registry.publish(project, record), record
+
+
+def _carry_over(store: Store, project: str, head: str | None, parsed: ParsedConfig,
+                controls: dict[str, Any]) -> None:
+    """Controls not refitted this time keep what the current head serves for them."""
+    previous = next((r for r in store.heads(project) if r["id"] == head), None) if head else None
+    for space in parsed.spaces:
+        kept = (previous or {}).get("controls", {}).get(space.name)
+        if space.name not in controls and kept and kept["space"] == space_digest(space):
+            controls[space.name] = {**kept, "accepted": False, "carried_over_from": head}
 
 
 def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
@@ -151,10 +163,12 @@ def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
 
 
 def _fitted_until(store: Store, project: str) -> float:
-    latest = 0.0
-    for record in store.corrections(project):
-        latest = max(latest, timestamp(record.get("updated_at")) or 0.0)
-    return latest
+    return max((_saved_at(record) for record in store.corrections(project)), default=0.0)
+
+
+def _saved_at(record: Record) -> float:
+    """When the annotation was last saved in Label Studio (or received, if LS did not say)."""
+    return timestamp(record.get("updated_at")) or float(record.get("received_at") or 0.0)
 
 
 # --- scheduling --------------------------------------------------------------------------------

@@ -68,3 +68,4 @@ def test_a_project_without_heads_gets_a_report_that_says_so(stored_head, tmp_pat
     out = tmp_path / "empty.html"
     assert main(["report", "--project", "8", "-o", str(out)]) == 0
     assert "serves zero-shot" in out.read_text()
+
