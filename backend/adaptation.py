@@ -133,7 +133,7 @@ def label_text_vectors(head: Head) -> Array:
     owners = head.group_label.numpy()
     vectors = np.zeros((head.n_labels, weights.shape[1]))
     np.add.at(vectors, owners, weights)
-    return _normalise(vectors)
+    return normalise_rows(vectors)
 
 
 # --- the whole procedure -----------------------------------------------------------------------
@@ -310,9 +310,9 @@ def _prototypes(head: Head, ex: Examples, text: Array, alpha: float, kappa: floa
     seen = counts > 0
     means = sums[seen] / counts[seen, None]
     gap = (means - text[seen]).mean(axis=0) if seen.any() else np.zeros(text.shape[1])
-    stand_in = _normalise(text + gap)
-    prototypes = _normalise(sums + kappa * stand_in) if kappa else np.where(
-        seen[:, None], _normalise(sums), stand_in)
+    stand_in = normalise_rows(text + gap)
+    prototypes = normalise_rows(sums + kappa * stand_in) if kappa else np.where(
+        seen[:, None], normalise_rows(sums), stand_in)
     scale = alpha * head.logit_scale
     return Adapter("prototypes", scale * prototypes, None,
                    params={"alpha": alpha, "shrinkage": kappa})
@@ -440,6 +440,7 @@ def _softmax(logits: Array) -> Array:
     return result
 
 
-def _normalise(rows: Array) -> Array:
+def normalise_rows(rows: Array) -> Array:
+    """Rows scaled to unit length (zero rows stay zero)."""
     result: Array = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     return result

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from .feedback import timestamp
 from .labelstudio import project_key
-from .store import Store, Vector
+from .store import Store, Vector, model_embedding_key
 
 Row = dict[str, Any]
 Matrix = npt.NDArray[np.float32]
@@ -169,7 +169,7 @@ def attach_embeddings(rows: Sequence[Row], store: Store, model_label: str | None
     vectors: dict[str, Vector | None] = {}
     found = []
     for row in rows:
-        key = _embedding_key(row, store, model_label)
+        key = model_embedding_key(store, row["embedding_key"], row["image_ref"], model_label)
         if key is not None and key not in vectors:
             vectors[key] = store.get_embedding(key)
         found.append(vectors.get(key) if key is not None else None)
@@ -179,13 +179,6 @@ def attach_embeddings(rows: Sequence[Row], store: Store, model_label: str | None
         if vector is not None:
             matrix[index] = vector
     return matrix
-
-
-def _embedding_key(row: Row, store: Store, model_label: str | None) -> str | None:
-    key, ref = row["embedding_key"], row["image_ref"]
-    if key and (model_label is None or key.startswith(f"{model_label}|")):
-        return str(key)
-    return store.embedding_key_for(model_label, ref) if model_label and ref else None
 
 
 def _dimension(vectors: Sequence[Vector | None]) -> int:

@@ -67,10 +67,9 @@ def adapter_from_document(doc: dict[str, Any]) -> Adapter:
 
 def summary(record: Record, active: str | None) -> Record:
     """A head record without its arrays, for listings."""
-    controls = {name: {k: v for k, v in control.items() if k != "adapter"}
+    controls = {name: {**{k: v for k, v in control.items() if k != "adapter"},
+                       "method": control["adapter"]["method"]}
                 for name, control in record.get("controls", {}).items()}
-    for name, control in record.get("controls", {}).items():
-        controls[name]["method"] = control["adapter"]["method"]
     return {**{k: v for k, v in record.items() if k != "controls"}, "controls": controls,
             "active": record.get("id") == active}
 

@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
-from .adaptation import MIN_EXAMPLES, Adapter, Examples, adapt, zero_shot_logits
+from .adaptation import MIN_EXAMPLES, Adapter, Examples, adapt, normalise_rows, zero_shot_logits
 from .errors import BackendError
 from .labels import LabelSpace
-from .scoring import Head
+from .scoring import Head, probabilities
 from .selection import likely_label_errors, select
 from .store import Record, Store
+from .training import cached_embedding, target_row, unusable
 from .uncertainty import measures
 
 Array = npt.NDArray[np.float64]
@@ -57,12 +59,10 @@ class ProjectView:
 
 
 def project_view(store: Store, project: str, space: LabelSpace, model: str) -> ProjectView:
-    index = {label.path[-1]: i for i, label in enumerate(space.labels)}
     tasks, refs, vectors = [], [], []
     for record in store.predictions(project):
         control = record.get("controls", {}).get(space.name) or {}
-        key = control.get("embedding_key")
-        vector = store.get_embedding(key) if key and str(key).startswith(model + "|") else None
+        vector = cached_embedding(store, control, model)
         if vector is not None:
             tasks.append(str(record["task"]))
             refs.append(str(control.get("image_ref") or ""))
@@ -74,24 +74,25 @@ def project_view(store: Store, project: str, space: LabelSpace, model: str) -> P
     annotated: dict[int, Array] = {}
     for record in store.corrections(project):
         control = record.get("controls", {}).get(space.name)
-        if record.get("deleted_at") or record.get("was_cancelled") or not control:
-            continue
         where = position.get(str(record["task"]))
-        labels = [index.get(_leaf(label)) for label in control.get("final") or []]
-        if where is not None and labels and None not in labels:
-            row = np.zeros(len(space.labels))
-            row[[i for i in labels if i is not None]] = 1.0
+        if where is None or unusable(record, control) is not None:
+            continue
+        assert control is not None
+        row = target_row(space, control["final"])
+        if row is not None:
             annotated[where] = row
-    stacked = np.stack(vectors).astype(np.float64)
-    stacked /= np.maximum(np.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)
+    stacked = normalise_rows(np.stack(vectors).astype(np.float64))
     return ProjectView(space, tasks, refs, stacked, annotated)
 
 
-def head_probabilities(view: ProjectView, head: Head, adapter: Adapter | None) -> Array:
-    z0 = zero_shot_logits(head, view.vectors)
-    if adapter is not None:
-        return adapter.probabilities(z0, view.vectors, head.scoring)
-    return _softmax(z0) if head.scoring == "softmax" else 1.0 / (1.0 + np.exp(-z0))
+def head_probabilities(view: ProjectView, head: Head, adapter: Adapter | None,
+                       rows: npt.NDArray[np.int64] | None = None) -> Array:
+    """Probabilities of the tasks (all, or the `rows` positions) under the zero-shot head and
+    the adapter, if any."""
+    vectors = view.vectors if rows is None else view.vectors[rows]
+    if adapter is None:
+        return probabilities(head, torch.from_numpy(vectors))
+    return adapter.probabilities(zero_shot_logits(head, vectors), vectors, head.scoring)
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _held_out_probabilities(view: ProjectView, head: Head, annotated: npt.NDArra
     """Probabilities of the annotated items from heads fitted without them (zero-shot when
     there are too few to fit anything)."""
     if len(annotated) < MIN_EXAMPLES:
-        return head_probabilities(view, head, None)[annotated]
+        return head_probabilities(view, head, None, annotated)
     examples = Examples(view.vectors[annotated], np.eye(len(view.space.labels))[truth],
                         np.zeros(len(annotated)))
     fit = adapt(head, examples, multiple=False)
@@ -237,11 +238,3 @@ def _label_studio_tasks(rows: list[Row], header: dict[str, Any], data_key: str) 
     return tasks
 
 
-def _leaf(label: Any) -> str:
-    return str(label[-1]) if isinstance(label, list) and label else str(label)
-
-
-def _softmax(logits: Array) -> Array:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    result: Array = shifted / shifted.sum(axis=1, keepdims=True)
-    return result

@@ -61,8 +61,8 @@ def select(strategy: str, budget: int, embeddings: Array, probs: Array | None = 
     rest = budget - n_random
     chosen, why = _strategy(strategy, rest, embeddings, probs, taken, rng, uncertainty)
     params = {"strategy": strategy, "budget": budget, "random_fraction": random_fraction,
-              "seed": seed, "uncertainty": uncertainty, "labelled": int((labelled is not None)
-                                                                         and len(labelled))}
+              "seed": seed, "uncertainty": uncertainty,
+              "labelled": 0 if labelled is None else len(labelled)}
     return Pick(np.asarray(picks + chosen, dtype=np.int64), reasons + why, params)
 
 

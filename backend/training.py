@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .adaptation import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve
+from .adaptation import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve, normalise_rows
 from .errors import BackendError
 from .feedback import timestamp
 from .head_registry import HeadRegistry, adapter_document, space_digest
 from .labels import LabelSpace, ParsedConfig
 from .scoring import Head
-from .store import Record, Store
+from .store import Record, Store, model_embedding_key
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +48,38 @@ class Run:
 
 
 # --- examples ----------------------------------------------------------------------------------
-def collect_examples(store: Store, project: str, space: LabelSpace,
+def collect_examples(store: Store, records: list[Record], space: LabelSpace,
                      model: str) -> tuple[Examples | None, dict[str, int]]:
-    """The control's usable corrections with their cached image embeddings, and counts of what
-    was left out and why."""
-    index = {_label_key(label.path, space): i for i, label in enumerate(space.labels)}
+    """The control's usable corrections (of a project's correction `records`) with their
+    cached image embeddings, and counts of what was left out and why."""
     vectors: list[np.ndarray[Any, Any]] = []
     targets, updated = [], []
     skipped: dict[str, int] = {}
-    for record in store.corrections(project):
+    for record in records:
         control = record.get("controls", {}).get(space.name)
-        why = _unusable(record, control)
+        why = unusable(record, control)
         if why is None:
             assert control is not None
-            wanted = [index.get(_label_key(label, space)) for label in control["final"]]
-            found = _embedding(store, control, model) if None not in wanted else None
-            why = ("label not in the config" if None in wanted else
-                   "several labels on a single-choice control" if len(wanted) > 1
+            row = target_row(space, control["final"])
+            found = cached_embedding(store, control, model) if row is not None else None
+            why = ("label not in the config" if row is None else
+                   "several labels on a single-choice control" if row.sum() > 1
                    and not space.multiple else "no cached embedding" if found is None else None)
         if why is not None:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        row = np.zeros(len(space.labels))
-        row[[i for i in wanted if i is not None]] = 1.0
-        assert found is not None
+        assert found is not None and row is not None
         vectors.append(found)
         targets.append(row)
         updated.append(_saved_at(record))
     if not vectors:
         return None, skipped
-    stacked = np.stack(vectors).astype(np.float64)
-    stacked /= np.maximum(np.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)
+    stacked = normalise_rows(np.stack(vectors).astype(np.float64))
     return Examples(stacked, np.stack(targets), np.asarray(updated, dtype=np.float64)), skipped
 
 
-def _unusable(record: Record, control: dict[str, Any] | None) -> str | None:
+def unusable(record: Record, control: dict[str, Any] | None) -> str | None:
+    """Why a correction record teaches nothing about a control, or None if it does."""
     if record.get("deleted_at"):
         return "deleted"
     if record.get("was_cancelled"):
@@ -92,16 +89,28 @@ def _unusable(record: Record, control: dict[str, Any] | None) -> str | None:
     return None
 
 
+def target_row(space: LabelSpace, final: list[Any]) -> np.ndarray[Any, Any] | None:
+    """The annotator's labels (choice values or taxonomy paths) as an (L,) 0/1 row; None if
+    one of them is not a label of the control (the config changed since)."""
+    index = {_label_key(label.path, space): i for i, label in enumerate(space.labels)}
+    wanted = [index.get(_label_key(label, space)) for label in final]
+    if None in wanted:
+        return None
+    row = np.zeros(len(space.labels))
+    row[[i for i in wanted if i is not None]] = 1.0
+    return row
+
+
 def _label_key(label: Any, space: LabelSpace) -> str:
     path = label if isinstance(label, (list, tuple)) else [label]
     return json.dumps(list(path) if space.kind == "taxonomy" else [path[-1]], ensure_ascii=False)
 
 
-def _embedding(store: Store, control: dict[str, Any], model: str) -> np.ndarray[Any, Any] | None:
-    key = control.get("embedding_key")
-    if not key or not str(key).startswith(model + "|"):
-        ref = control.get("image_ref")
-        key = store.embedding_key_for(model, ref) if isinstance(ref, str) else None
+def cached_embedding(store: Store, control: dict[str, Any],
+                     model: str) -> np.ndarray[Any, Any] | None:
+    """The embedding by `model` of a logged control's image, if the store has it."""
+    key = model_embedding_key(store, control.get("embedding_key"), control.get("image_ref"),
+                              model)
     return store.get_embedding(key) if key else None
 
 
@@ -110,12 +119,12 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
                 heads: tuple[Head, ...], trigger: str) -> tuple[str | None, Record]:
     """Fit every control of a project; publish a head if any control gained something."""
     started = time.perf_counter()
-    fitted_until = _fitted_until(store, project)  # before reading: later ones are unseen
+    records = list(store.corrections(project))  # read once; later ones are unseen by this fit
     current = registry.active(project)
     controls: dict[str, Any] = {}
     notes: dict[str, Any] = {}
     for space, head in zip(parsed.spaces, heads):
-        examples, skipped = collect_examples(store, project, space, registry.model)
+        examples, skipped = collect_examples(store, records, space, registry.model)
         count = len(examples) if examples is not None else 0
         if examples is None or count < MIN_EXAMPLES:
             notes[space.name] = {"examples": count, "skipped": skipped,
@@ -128,7 +137,7 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
         "project": project, "model": registry.model, "trigger": trigger,
         "created_at": time.time(), "seconds": round(time.perf_counter() - started, 3),
         "controls": controls, "not_fitted": notes,
-        "fitted_until": fitted_until,
+        "fitted_until": max(map(_saved_at, records), default=0.0),
     }
     if not any(control["accepted"] for control in controls.values()):
         return None, record
@@ -160,10 +169,6 @@ def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
         "reliability": fit.reliability, "learning_curve": curve, "seconds": fit.seconds,
         "compared_with_current": fit.compared_with_current,
     }
-
-
-def _fitted_until(store: Store, project: str) -> float:
-    return max((_saved_at(record) for record in store.corrections(project)), default=0.0)
 
 
 def _saved_at(record: Record) -> float:

@@ -73,6 +73,15 @@ def embedding_key(model: str, content: bytes) -> str:
     return f"{model}|{hashlib.sha256(content).hexdigest()}"
 
 
+def model_embedding_key(store: Store, key: str | None, image_ref: str | None,
+                        model: str | None) -> str | None:
+    """The key of an image's embedding by `model`: `key` if it is that model's (any key when
+    `model` is None), else the one the store recorded for the image reference."""
+    if key and (model is None or key.startswith(f"{model}|")):
+        return key
+    return store.embedding_key_for(model, image_ref) if model and image_ref else None
+
+
 def ref_key(model: str, image_ref: str) -> str:
     return f"{model}|{hashlib.sha1(image_ref.encode()).hexdigest()}"
 
