@@ -12,11 +12,9 @@ from backend.head_registry import ActiveHead, adapter_document, adapter_from_doc
 from backend.labels import parse_label_config
 from backend.scoring import Head
 
+from .support.vectors import unit
+
 LABELS, DIM = 6, 32
-
-
-def unit(rows):
-    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

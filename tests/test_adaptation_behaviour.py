@@ -6,7 +6,6 @@ Run with `-s` to see the table per shot count.
 
 from __future__ import annotations
 
-import io
 import itertools
 from dataclasses import dataclass, field
 
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 
 from backend.calibration import expected_calibration_error
-from backend.config import load_settings
 from backend.server import create_app
 
 from .support.backend_server import BackendThread
@@ -25,31 +23,21 @@ from .support.microclip import (
     LABELS,
     SHAPES,
     UNSEEN_PAIRS,
-    ZERO_SHOT_TEMPLATES,
     held_out_images,
 )
+from .support.testbed_server import choices_config, png, serving_settings
 from .support.waiting import eventually
 from .support.webhooks import annotation_event, choice_result
 
 pytestmark = pytest.mark.slow
 ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
-CONFIG = ('<View><Image name="image" value="$image"/><Choices name="choice" toName="image">'
-          + "".join(f'<Choice value="{label}"/>' for label in LABELS) + "</Choices></View>")
+CONFIG = choices_config()
 ids = itertools.count(1000)
-
-
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
 def served(micro_clip, tmp_path_factory):
-    settings = load_settings(MODEL_CONFIG=micro_clip.config_path,
-                             MODEL_PRETRAINED=str(micro_clip.checkpoint_path),
-                             TEMPLATES="|".join(ZERO_SHOT_TEMPLATES), IMAGE_URL_ALLOWLIST="127.0.0.1",
-                             MODEL_DIR=tmp_path_factory.mktemp("model-dir"), ADAPT_EVERY=0)
+    settings = serving_settings(micro_clip, tmp_path_factory.mktemp("model-dir"), ADAPT_EVERY=0)
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as images:
         assert backend.wait_model()["model_state"] == "ready"
         yield backend, images

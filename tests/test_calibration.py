@@ -14,10 +14,7 @@ from backend.calibration import (
     single_label_scores,
 )
 
-
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+from .support.vectors import softmax
 
 
 def overconfident(n=2000, labels=5, true_t=2.5, seed=0):

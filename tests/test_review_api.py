@@ -4,7 +4,6 @@ through /webhook (10 % of them wrong on purpose), then /export/selection and /ex
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 
@@ -12,33 +11,23 @@ import httpx
 import numpy as np
 import pytest
 
-from backend.config import load_settings
 from backend.server import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
 from .support.microclip import COLOURS, LABELS, SHAPES, ZERO_SHOT_TEMPLATES, held_out_images
+from .support.testbed_server import choices_config, png, serving_settings
 from .support.webhooks import annotation_event, choice_result
 
 pytestmark = pytest.mark.slow
-CONFIG = ('<View><Image name="image" value="$image"/><Choices name="choice" toName="image">'
-          + "".join(f'<Choice value="{label}"/>' for label in LABELS) + "</Choices></View>")
+CONFIG = choices_config()
 ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 ids = itertools.count(5000)
 
 
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def served(micro_clip, tmp_path_factory):
-    settings = load_settings(MODEL_CONFIG=micro_clip.config_path,
-                             MODEL_PRETRAINED=str(micro_clip.checkpoint_path),
-                             TEMPLATES="|".join(ZERO_SHOT_TEMPLATES), IMAGE_URL_ALLOWLIST="127.0.0.1",
-                             MODEL_DIR=tmp_path_factory.mktemp("model-dir"), ADAPT_EVERY=0)
+    settings = serving_settings(micro_clip, tmp_path_factory.mktemp("model-dir"), ADAPT_EVERY=0)
     app = create_app(settings)
     with BackendThread(app) as backend, LoopbackServer() as images:
         assert backend.wait_model()["model_state"] == "ready"

@@ -12,11 +12,9 @@ from backend.scoring import Head
 from backend.selection import cold_start, k_center, likely_label_errors, select
 from backend.uncertainty import entropy, margin, measures, priority
 
+from .support.vectors import softmax, unit
+
 LABELS, DIM = 8, 24
-
-
-def unit(rows):
-    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,6 @@ def pool():
     x = unit(centres[y] + rng.normal(size=(len(y), DIM)) * 0.15)
     head = Head(torch.from_numpy(text).float(), torch.arange(LABELS), LABELS, "mean", "softmax", 30.0, 0.0)
     return x, y, head
-
-
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def test_measures_rank_a_coin_flip_above_a_sure_thing():

@@ -6,12 +6,9 @@ and classified through the real /predict among all 25 labels (chance: 4 %).
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import pytest
 
-from backend.config import load_settings
 from backend.server import create_app
 
 from .support.backend_server import BackendThread
@@ -21,24 +18,12 @@ from .support.microclip import (
     LABELS,
     SHAPES,
     UNSEEN_PAIRS,
-    ZERO_SHOT_TEMPLATES,
     held_out_images,
 )
+from .support.testbed_server import choices_config, png, serving_settings
 
 pytestmark = pytest.mark.slow
 SEEN = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in UNSEEN_PAIRS]
-
-
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def choices_config(extra: str = "") -> str:
-    choices = "".join(f'<Choice value="{label}"/>' for label in LABELS)
-    return (f'<View><Image name="image" value="$image"/>'
-            f'<Choices name="shape" toName="image" {extra}>{choices}</Choices></View>')
 
 
 def taxonomy_config() -> str:
@@ -49,11 +34,7 @@ def taxonomy_config() -> str:
 
 @pytest.fixture(scope="module")
 def served(micro_clip, tmp_path_factory):
-    # module scope: set up before the per-test environment, so say everything explicitly
-    settings = load_settings(MODEL_CONFIG=micro_clip.config_path,
-                             MODEL_PRETRAINED=str(micro_clip.checkpoint_path), TOP_K=25,
-                             TEMPLATES="|".join(ZERO_SHOT_TEMPLATES), IMAGE_URL_ALLOWLIST="127.0.0.1",
-                             MODEL_DIR=tmp_path_factory.mktemp("model-dir"))
+    settings = serving_settings(micro_clip, tmp_path_factory.mktemp("model-dir"), TOP_K=25)
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as images:
         assert backend.wait_model()["model_state"] == "ready"
         yield backend, images
@@ -78,14 +59,14 @@ def accuracy(results, truth) -> float:
 
 
 def test_unseen_colour_shape_pairs_are_recognised(served):
-    results, truth = predict(served, sorted(UNSEEN_PAIRS), choices_config())
+    results, truth = predict(served, sorted(UNSEEN_PAIRS), choices_config("shape"))
     unseen = accuracy(results, truth)
     print(f"\nmicro-CLIP zero-shot accuracy on unseen pairs: {unseen:.1%} (chance 4 %)")
     assert unseen >= 0.5
 
 
 def test_seen_pairs_and_confidence_that_means_something(served):
-    results, truth = predict(served, SEEN, choices_config(), per_pair=2, seed=11)
+    results, truth = predict(served, SEEN, choices_config("shape"), per_pair=2, seed=11)
     seen = accuracy(results, truth)
     print(f"\nmicro-CLIP zero-shot accuracy on seen pairs: {seen:.1%}")
     assert seen >= 0.9
@@ -100,7 +81,7 @@ def test_seen_pairs_and_confidence_that_means_something(served):
 
 
 def test_multi_label_structure(served):
-    results, _ = predict(served, SEEN[:4], choices_config('choice="multiple"'), per_pair=2, seed=3)
+    results, _ = predict(served, SEEN[:4], choices_config("shape", 'choice="multiple"'), per_pair=2, seed=3)
     for result in results:
         (region,) = result["result"]
         chosen = region["value"]["choices"]

@@ -5,7 +5,6 @@ the backend its webhooks."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.support.microclip import (
     ZERO_SHOT_TEMPLATES,
     held_out_images,
 )
+from tests.support.testbed_server import png
 from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -68,12 +68,6 @@ def backend(label_studio, micro_clip, pat, tmp_path_factory) -> Iterator[Backend
         yield process
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_studio, backend, tmp_path):
     _, client = label_studio
     config = config_with_testbed_labels("choices_single.xml")
@@ -83,7 +77,7 @@ def test_label_studio_retrieves_correct_predictions_and_sends_webhooks(label_stu
     with LoopbackServer() as images:
         url_tasks = []
         for i, (image, colour, shape) in enumerate(samples[:5]):
-            url = images.add(f"/e2e/{i}.png", Route(png_bytes(image), content_type="image/png"))
+            url = images.add(f"/e2e/{i}.png", Route(png(image), content_type="image/png"))
             url_tasks.append({"data": {"image": url}})
             expected[url] = f"{colour} {shape}"
         client.import_tasks(project, url_tasks)
@@ -186,7 +180,7 @@ def test_train_button_publishes_a_head_and_label_studio_predicts_with_it(label_s
     with LoopbackServer() as images:
         tasks = []
         for i, (image, colour, shape) in enumerate(samples):
-            url = images.add(f"/train/{i}.png", Route(png_bytes(image), content_type="image/png"))
+            url = images.add(f"/train/{i}.png", Route(png(image), content_type="image/png"))
             tasks.append({"data": {"image": url, "truth": f"{colour} {shape}"}})
         client.import_tasks(project, tasks)
         ml_id = client.add_ml_backend(project, backend.url, title="clip")
@@ -223,7 +217,7 @@ def test_prediction_scores_sort_in_label_studio_and_the_review_export_imports(la
     project = client.create_project("clip-e2e-scores", config)
     samples = held_out_images(sorted(UNSEEN_PAIRS) + SEEN[:5], 2, seed=41)  # mixed confidence
     with LoopbackServer() as images:
-        tasks = [{"data": {"image": images.add(f"/scores/{i}.png", Route(png_bytes(image),
+        tasks = [{"data": {"image": images.add(f"/scores/{i}.png", Route(png(image),
                                                                       content_type="image/png"))}}
                  for i, (image, _, _) in enumerate(samples)]
         client.import_tasks(project, tasks)
