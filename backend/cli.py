@@ -9,6 +9,8 @@
     report               write an HTML report of a project's heads (reliability, learning curve)
     export selection     tasks to label next (uncertainty, coreset, cold start, …)
     export review        tasks to check: likely label errors, disagreements, low confidence
+    prelabel             pre-label a whole Label Studio project (resumable, with progress)
+    worker               work pre-label jobs from Redis (RQ); loads the model once
 
 Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings
 (doctor: 1 if any check failed).
@@ -32,12 +34,14 @@ from .errors import (
     ConfigError,
     HeadNotFound,
     LabelConfigError,
+    LabelStudioError,
     ModelUnavailable,
     StoreUnavailable,
 )
 from .export import ExportError, correction_rows, export_corrections, summary
 from .head_registry import HeadRegistry
 from .logs import configure_logging, logging_config
+from .prelabel import JobRunning
 from .report import render
 from .review import FORMATS, ReviewError, write
 from .selection import STRATEGIES
@@ -81,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", type=Path, metavar="FILE",
                         default=Path("adaptation-report.html"))
     report.set_defaults(run=_store_command, export=_write_report)
+    _prelabel_parsers(commands)
     _doctor_parser(commands.add_parser("doctor", help="check the deployment: settings, store, "
                                        "Label Studio, device, model"))
     return parser
@@ -185,6 +190,78 @@ async def _review_rows(settings: Settings, args: argparse.Namespace, config: str
                                          control=args.control, **params)
     finally:
         await model.aclose()
+
+
+def _prelabel_parsers(commands: Any) -> None:
+    job = commands.add_parser("prelabel", help="pre-label a whole Label Studio project: reads "
+                              "its tasks page by page, writes predictions through its API; a "
+                              "second run only does what is missing")
+    job.add_argument("--project", metavar="ID", required=True)
+    job.add_argument("--executor", choices=("local", "rq"), default="local",
+                     help="local: predict in this process (default); rq: queue work items for "
+                     "`python -m backend worker` processes (needs REDIS_URL)")
+    job.add_argument("--no-wait", action="store_true",
+                     help="rq: return once every item is queued, without following the workers")
+    job.set_defaults(run=_prelabel)
+    worker = commands.add_parser("worker", help="work pre-label jobs from Redis (RQ), loading "
+                                 "the model once")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(run=_worker)
+
+
+def _prelabel(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(unit="task", file=sys.stderr, desc=f"project {args.project}", dynamic_ncols=True)
+
+    def show(state: dict[str, Any]) -> None:
+        bar.total = state["total"] or None
+        bar.n = state["done"] + state["failed"]
+        bar.set_postfix(failed=state["failed"], status=state["status"], refresh=False)
+        bar.refresh()
+
+    try:
+        final = asyncio.run(_run_prelabel(settings, args, show))
+    except (ConfigError, LabelConfigError, LabelStudioError, ModelUnavailable,
+            JobRunning) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    print(json.dumps(final, indent=2, ensure_ascii=False))
+    return 0 if final["status"] in ("done", "running") and not final["failed"] else 1
+
+
+async def _run_prelabel(settings: Settings, args: argparse.Namespace,
+                        show: Any) -> dict[str, Any]:
+    from .model import ZeroShotModel
+    from .prelabel import Prelabeler
+    from .store.jobs import open_ledger
+
+    model = ZeroShotModel(settings)
+    model.start()
+    try:
+        jobs = Prelabeler(model, open_ledger(model.store), settings)
+        return await jobs.run(args.project, args.executor, on_progress=show,
+                              wait_workers=not args.no_wait)
+    finally:
+        await model.aclose()
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from . import worker
+
+    try:
+        return worker.serve(settings, burst=args.burst)
+    except (ConfigError, ModelUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _doctor_parser(doctor: argparse.ArgumentParser) -> None:

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
         description="Label Studio token: a legacy token or a personal access token (JWT). Falls "
         "back to the token Label Studio sends in /setup.",
     )
+    LABEL_STUDIO_TIMEOUT_S: float = Field(
+        30.0, gt=0, description="Timeout of each call to Label Studio's API (pre-label jobs "
+        "read task pages and import predictions), seconds.",
+    )
 
     # --- store -----------------------------------------------------------------------------
     REDIS_URL: str | None = Field(
@@ -119,6 +123,24 @@ class Settings(BaseSettings):
     REDIS_TIMEOUT_S: float = Field(
         0.5, gt=0,
         description="Redis connect/read timeout in seconds; past it, corrections are spooled.",
+    )
+
+    # --- whole-project pre-label jobs --------------------------------------------------------
+    PRELABEL_EXECUTOR: Literal["local", "rq"] = Field(
+        "local", description="Who works a pre-label job started over HTTP: local (this "
+        "process, sharing its model) or rq (RQ workers, `python -m backend worker`, on any "
+        "machine that reaches REDIS_URL).",
+    )
+    PRELABEL_ITEM_TASKS: int = Field(
+        64, ge=1, le=1000, description="Tasks per work item: predicted together and written to "
+        "Label Studio in one import call.",
+    )
+    PRELABEL_PAGE_SIZE: int = Field(
+        100, ge=1, le=1000, description="Tasks read per Label Studio API page while planning.",
+    )
+    PRELABEL_PARALLEL: int = Field(
+        2, ge=1, le=64, description="Work items in flight per process (downloads of one overlap "
+        "the encoding of another).",
     )
 
     # --- learning from corrections ---------------------------------------------------------

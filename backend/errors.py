@@ -11,6 +11,7 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── LimitExceeded          a request is larger than the configured limits (413)
     ├── Overloaded             too much work in progress; retry shortly (503)
     ├── HeadNotFound           a rollback names an adapted head that does not exist (404)
+    ├── LabelStudioError       a Label Studio API call failed (names the call and the fix)
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -51,6 +52,14 @@ class Overloaded(BackendError):
 
 class HeadNotFound(BackendError):
     """A rollback names a head the project does not have."""
+
+
+class LabelStudioError(BackendError):
+    """A call to Label Studio's REST API failed; the message names the call and the fix."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TaskError(BackendError):

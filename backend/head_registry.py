@@ -116,7 +116,10 @@ class HeadRegistry:
         return cached[1] if cached else ZERO_SHOT_HEAD
 
     def _load(self, project: str) -> ActiveHead:
-        head_id = self.store.active_head(project)
+        return self.head(project, self.store.active_head(project))
+
+    def head(self, project: str, head_id: str | None) -> ActiveHead:
+        """A stored head (whether active or not); zero-shot for None or ZERO_SHOT."""
         if head_id in (None, ZERO_SHOT):
             return ZERO_SHOT_HEAD
         record = next((r for r in self.store.heads(project) if r["id"] == head_id), None)

@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import FetchError
+from .errors import FetchError, LabelStudioError
+
+Task = dict[str, Any]
 
 REFRESH_MARGIN_S = 30.0
 """Refresh a PAT's access token this long before it expires."""
@@ -110,3 +112,77 @@ class LabelStudioAccess:
                 )
             self._access = str(response.json()["access"])
             self._expires = _jwt_expiry(self._access)
+
+
+class LabelStudioAPI:
+    """The Label Studio REST calls the pre-label job makes, with explicit timeouts.
+
+    Every call is one HTTP request bounded by `timeout_s`, so no single call holds a job (or
+    Label Studio) for long; a failed call raises LabelStudioError naming the fix.
+    """
+
+    def __init__(self, access: LabelStudioAccess, *, timeout_s: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.access = access
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0),
+                                         trust_env=False, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def project(self, project: str) -> dict[str, Any]:
+        """The project's settings, including `label_config`."""
+        result: dict[str, Any] = await self._json("GET", f"/api/projects/{int(project)}/")
+        return result
+
+    async def task_page(self, project: str, page: int, page_size: int) -> tuple[int, list[Task]]:
+        """(total tasks, one page of tasks with `id`, `data` and `predictions_model_versions`);
+        an empty page past the end."""
+        params = {"project": int(project), "page": page, "page_size": page_size,
+                  "fields": "all", "include": "id,data,predictions_model_versions"}
+        try:
+            body = await self._json("GET", "/api/tasks/", params=params)
+        except LabelStudioError as exc:
+            if exc.status == 404 and page > 1:  # Label Studio answers 404 past the last page
+                return 0, []
+            raise
+        return int(body.get("total", 0)), list(body.get("tasks", []))
+
+    async def import_predictions(self, project: str, predictions: list[dict[str, Any]]) -> int:
+        """Store predictions in one call (one database transaction in Label Studio)."""
+        body = await self._json("POST", f"/api/projects/{int(project)}/import/predictions",
+                                json=predictions, retry=False)
+        return int(body.get("created", len(predictions)))
+
+    async def _json(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
+        """One call; connection failures (nothing was sent) are retried twice when `retry`."""
+        url = self.access.absolute(path)
+        for attempt in range(3):
+            try:
+                headers = await self.access.auth_headers(self._client)
+                response = await self._client.request(method, url, headers=headers, **kwargs)
+            except httpx.ConnectError as exc:
+                if attempt < 2:
+                    await asyncio.sleep(0.5 * 2 ** attempt)
+                    continue
+                raise LabelStudioError(f"Label Studio at {self.access.url} is unreachable "
+                                       f"({exc}); check LABEL_STUDIO_URL") from None
+            except httpx.HTTPError as exc:
+                raise LabelStudioError(f"{method} {path} to Label Studio failed "
+                                       f"({type(exc).__name__}: {exc})") from None
+            if (response.status_code == 401 and attempt == 0 and self.access.token
+                    and is_personal_access_token(self.access.token)):  # expired early: refresh
+                self.access.forget_access_token()
+                continue
+            return _checked(response, method, path)
+        raise LabelStudioError(f"{method} {path}: Label Studio kept refusing the token")
+
+
+def _checked(response: httpx.Response, method: str, path: str) -> Any:
+    status = response.status_code
+    if status < 300:
+        return response.json()
+    hint = {401: "set LABEL_STUDIO_API_KEY to a valid token (Account & Settings)",
+            403: "the token's user needs access to this project",
+            404: "check the project id"}.get(status, response.text[:200])
+    raise LabelStudioError(f"{method} {path}: HTTP {status} from Label Studio — {hint}", status)

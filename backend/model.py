@@ -265,7 +265,10 @@ class ZeroShotModel:
         await self.context(label_config)
 
     # --- predict -----------------------------------------------------------------------------
-    async def context(self, label_config: str, project: Any = None) -> ProjectContext:
+    async def context(self, label_config: str, project: Any = None,
+                      head: str | None = None) -> ProjectContext:
+        """What predicting for this config and project needs; `head` pins a stored head
+        (a pre-label job keeps the one it started with) instead of the active one."""
         parsed = await asyncio.to_thread(parse_label_config, label_config)
         encoder = await self.wait_ready()
         heads = [await self._head(space, encoder) for space in parsed.spaces]
@@ -273,7 +276,10 @@ class ZeroShotModel:
         key = project_key(project)
         if key is not None:
             self._remember_config(key, label_config)
-        active = await asyncio.to_thread(self.active_head, key)
+        if head is None or key is None:
+            active = await asyncio.to_thread(self.active_head, key)
+        else:
+            active = await asyncio.to_thread(self.registry.head, key, head)
         return ProjectContext(parsed, tuple(heads), self.model_version(parsed, active), ls,
                               key, active)
 
@@ -288,10 +294,11 @@ class ZeroShotModel:
         return ctx.parsed, ctx.heads
 
     async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
-                      label_config: str, project: Any = None) -> list[dict[str, Any]]:
+                      label_config: str, project: Any = None,
+                      head: str | None = None) -> list[dict[str, Any]]:
         """One Label Studio prediction per task, in order. A failing task gets an empty one."""
         with self._admitted(len(tasks)):
-            ctx = await self.context(label_config, project)
+            ctx = await self.context(label_config, project, head)
             embeddings = await self._embed_tasks(tasks, ctx)
             unsure: list[dict[str, dict[str, float]]] = [{} for _ in tasks]
             results = [self._predict_task(task, embeddings, ctx, unsure[i])

@@ -9,6 +9,8 @@
 | GET /versions     | model versions this process has issued                         | 3 s    |
 | GET /metrics      | Prometheus scrape                                              | –      |
 | GET /export/...   | corrections dataset (JSONL, CSV, Parquet) and summary (JSON)   | –      |
+| POST /prelabel    | start (or resume) pre-labeling a whole project, in background  | –      |
+| GET /prelabel/... | a job's progress: queued, done, failed (with reasons)          | –      |
 
 Handlers only parse and delegate to `ZeroShotModel`; the model runs on its own thread.
 """
@@ -21,7 +23,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
@@ -34,8 +36,10 @@ from . import __version__, export, metrics
 from .config import Settings, load_settings
 from .errors import (
     BackendError,
+    ConfigError,
     HeadNotFound,
     LabelConfigError,
+    LabelStudioError,
     LimitExceeded,
     ModelUnavailable,
     Overloaded,
@@ -45,7 +49,9 @@ from .errors import (
 from .labelstudio import project_key
 from .middleware import install_middleware, too_large
 from .model import ZeroShotModel
+from .prelabel import Executor, JobNotFound, JobRunning, Prelabeler
 from .review import ReviewError, write
+from .store.jobs import open_ledger
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,10 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
     (Overloaded, 503),
     (HeadNotFound, 404),
     (ReviewError, 422),
+    (JobNotFound, 404),
+    (JobRunning, 409),
+    (LabelStudioError, 502),
+    (ConfigError, 503),
 )
 
 
@@ -73,6 +83,12 @@ WEBHOOK_BODY = {"content": {"application/json": {"schema": {
 class ActivateRequest(BaseModel):
     project: str = Field(min_length=1, max_length=100)
     head: str = Field(min_length=1, max_length=40, description="`h3`, or `zero-shot`")
+
+
+class PrelabelRequest(BaseModel):
+    project: int = Field(..., ge=1, description="Label Studio project id", examples=[3])
+    executor: Literal["local", "rq"] | None = Field(
+        None, description="local: this process; rq: RQ workers (default: PRELABEL_EXECUTOR)")
 
 
 class SetupRequest(BaseModel):
@@ -102,10 +118,13 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
     model = model or ZeroShotModel(settings)
     background: set[asyncio.Task[Any]] = set()
 
+    jobs = Prelabeler(model, open_ledger(model.store), settings)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         model.start()
         yield
+        await jobs.aclose()
         await model.aclose()
         log.info("stopped: in-flight work finished; corrections left in the spool for the next "
                  "start: %d", model.journal.pending)
@@ -193,7 +212,33 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     _add_export_routes(app, model)
+    _add_prelabel_routes(app, jobs, settings)
     return app
+
+
+def _add_prelabel_routes(app: FastAPI, jobs: Prelabeler, settings: Settings) -> None:
+    """Whole-project pre-labeling: started here, worked in the background (prelabel.py)."""
+
+    @app.post("/prelabel", status_code=202)
+    async def start_prelabel(body: PrelabelRequest) -> dict[str, Any]:
+        """Start pre-labeling every task of the project that has no prediction for the current
+        model_version (a running or finished job for that version is resumed, not repeated)."""
+        executor: Executor = body.executor or settings.PRELABEL_EXECUTOR
+        return await jobs.start(str(body.project), executor)
+
+    @app.get("/prelabel")
+    async def list_prelabel(project: str = Query(..., description="Label Studio project id")
+                            ) -> dict[str, Any]:
+        return {"project": project, "jobs": await asyncio.to_thread(jobs.jobs, project)}
+
+    @app.get("/prelabel/{job}")
+    async def prelabel_status(job: str) -> dict[str, Any]:
+        """Progress: status, total, done (skipped included), failed (reasons), queued."""
+        return await asyncio.to_thread(jobs.status, job)
+
+    @app.post("/prelabel/{job}/cancel")
+    async def cancel_prelabel(job: str) -> dict[str, Any]:
+        return await asyncio.to_thread(jobs.cancel, job)
 
 
 def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:

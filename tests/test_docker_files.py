@@ -25,7 +25,7 @@ from .support.redis_server import free_port
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yaml"
-BACKENDS = ("backend", "backend-gpu", "worker")
+BACKENDS = ("backend", "backend-gpu", "worker", "worker-gpu")
 NON_SETTINGS = {"HF_HOME": "Hugging Face cache root, under the /data volume"}
 """Variables the compose file may give the backend besides Settings fields."""
 SET_FOR_DOCKER = {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR",
@@ -201,13 +201,16 @@ def test_profiles_keep_gpu_and_worker_out_of_a_plain_up():
     assert services["worker"]["profiles"] == ["worker"]
 
 
-def test_the_worker_service_says_it_awaits_the_job_feature_while_there_is_no_worker_command():
+def test_worker_services_run_the_worker_command_and_gpu_workers_reserve_a_gpu():
     commands = _parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    if "worker" in commands:
-        pytest.fail("`python -m backend worker` exists now: drop the 'NOT AVAILABLE YET' note "
-                    "from docker/compose.yaml and the README")
-    assert "NOT AVAILABLE YET" in COMPOSE.read_text()
-    assert "worker" in compose()["services"]["worker"]["command"]
+    assert "worker" in commands
+    services = compose()["services"]
+    for name in ("worker", "worker-gpu"):
+        assert services[name]["command"] == ["python", "-m", "backend", "worker"]
+        assert services[name]["environment"]["REDIS_URL"]  # workers share jobs through Redis
+    assert services["worker-gpu"]["profiles"] == ["gpu-worker"]
+    device = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["count"] == 1 and device["capabilities"] == ["gpu"]
 
 
 # --- health check ----------------------------------------------------------------------------

@@ -15,6 +15,11 @@ With the default prefix `clip-backend` (STORE_PREFIX):
     clip-backend:heads:{project}                    hash    adapted heads by id (h1, h2, …; JSON)
     clip-backend:head-seq:{project}                 string  the last head number issued
     clip-backend:active-head:{project}              string  the head the project serves
+    clip-backend:job:{job}                          hash    pre-label job fields (JSON values)
+    clip-backend:jobs:{project}                     set     a project's pre-label job ids
+    clip-backend:job-done:{job}                     set     tasks whose prediction LS stored
+    clip-backend:job-failed:{job}                   hash    task → why it failed
+    clip-backend:job-claims:{job}                   hash    task → "deadline_ms owner"
 """
 
 from __future__ import annotations
@@ -67,3 +72,18 @@ class Keys:
 
     def active_head(self, project: str) -> str:
         return self._key("active-head", project)
+
+    def job(self, job: str) -> str:
+        return self._key("job", job)
+
+    def jobs(self, project: str) -> str:
+        return self._key("jobs", project)
+
+    def job_done(self, job: str) -> str:
+        return self._key("job-done", job)
+
+    def job_failed(self, job: str) -> str:
+        return self._key("job-failed", job)
+
+    def job_claims(self, job: str) -> str:
+        return self._key("job-claims", job)

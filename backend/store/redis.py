@@ -60,6 +60,10 @@ class RedisStore(BaseStore):
         self._annotation = self._redis.register_script(_COMMIT_ANNOTATION)
         self._deletion = self._redis.register_script(_COMMIT_DELETION)
 
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)

@@ -56,6 +56,14 @@ class SqliteStore(BaseStore):
             raise StoreUnavailable(f"cannot open the embedded store {path}: {exc}; check that "
                                    "MODEL_DIR is writable") from None
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._db
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> int:
         """Run statements in one transaction; return the first statement's rowcount."""
         with self._lock:

@@ -1,0 +1,62 @@
+"""Pre-label jobs without a Label Studio to talk to: every misconfiguration names its fix.
+(The jobs themselves run against a real Label Studio in tests/e2e/test_prelabel_job_e2e.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from backend.server import create_app
+
+from .support.backend_server import BackendThread
+from .support.redis_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=300, env={**os.environ, **env})
+
+
+def tiny_env(tiny_configs, tmp_path) -> dict[str, str]:
+    return {"MODEL_CONFIG": str(tiny_configs["clip"]), "MODEL_PRETRAINED": "none",
+            "MODEL_DIR": str(tmp_path / "model-dir"), "LOG_LEVEL": "WARNING"}
+
+
+def test_prelabel_without_label_studio_settings_says_what_to_set(tiny_configs, tmp_path):
+    done = cli("prelabel", "--project", "3", **tiny_env(tiny_configs, tmp_path))
+    assert done.returncode == 2
+    assert "LABEL_STUDIO_URL" in done.stderr and "LABEL_STUDIO_API_KEY" in done.stderr
+
+
+def test_prelabel_with_label_studio_unreachable_names_the_setting(tiny_configs, tmp_path):
+    done = cli("prelabel", "--project", "3", **tiny_env(tiny_configs, tmp_path),
+               LABEL_STUDIO_URL=f"http://127.0.0.1:{free_port()}", LABEL_STUDIO_API_KEY="t0ken1")
+    assert done.returncode == 2
+    assert "unreachable" in done.stderr and "LABEL_STUDIO_URL" in done.stderr
+
+
+def test_rq_jobs_and_workers_need_redis(tiny_configs, tmp_path):
+    worker = cli("worker", "--burst", **tiny_env(tiny_configs, tmp_path))
+    assert worker.returncode == 2 and "REDIS_URL" in worker.stderr
+
+
+@pytest.fixture
+def backend(tiny_settings):
+    with BackendThread(create_app(tiny_settings)) as server:
+        yield server
+
+
+def test_http_jobs_answer_with_the_fix_and_unknown_jobs_are_404(backend):
+    started = httpx.post(backend.url + "/prelabel", json={"project": 3}, timeout=30)
+    assert started.status_code == 503 and "LABEL_STUDIO_URL" in started.json()["detail"]
+    assert httpx.post(backend.url + "/prelabel", json={"project": "x"}).status_code == 422
+    missing = httpx.get(backend.url + "/prelabel/3-000000000000")
+    assert missing.status_code == 404 and "GET /prelabel?project=" in missing.json()["detail"]
+    assert httpx.get(backend.url + "/prelabel", params={"project": 3}).json()["jobs"] == []
