@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from . import metrics
 from .errors import FetchError, LabelStudioError
 
 Task = dict[str, Any]
@@ -132,7 +133,8 @@ class LabelStudioAPI:
 
     async def project(self, project: str) -> dict[str, Any]:
         """The project's settings, including `label_config`."""
-        result: dict[str, Any] = await self._json("GET", f"/api/projects/{int(project)}/")
+        result: dict[str, Any] = await self._json("GET", f"/api/projects/{int(project)}/",
+                                                  call="project")
         return result
 
     async def task_page(self, project: str, page: int, page_size: int) -> tuple[int, list[Task]]:
@@ -141,7 +143,7 @@ class LabelStudioAPI:
         params = {"project": int(project), "page": page, "page_size": page_size,
                   "fields": "all", "include": "id,data,predictions_model_versions"}
         try:
-            body = await self._json("GET", "/api/tasks/", params=params)
+            body = await self._json("GET", "/api/tasks/", params=params, call="task_page")
         except LabelStudioError as exc:
             if exc.status == 404 and page > 1:  # Label Studio answers 404 past the last page
                 return 0, []
@@ -151,16 +153,19 @@ class LabelStudioAPI:
     async def import_predictions(self, project: str, predictions: list[dict[str, Any]]) -> int:
         """Store predictions in one call (one database transaction in Label Studio)."""
         body = await self._json("POST", f"/api/projects/{int(project)}/import/predictions",
-                                json=predictions, retry=False)
+                                json=predictions, retry=False, call="import_predictions")
         return int(body.get("created", len(predictions)))
 
-    async def _json(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, *, call: str, retry: bool = True,
+                    **kwargs: Any) -> Any:
         """One call; connection failures (nothing was sent) are retried twice when `retry`."""
         url = self.access.absolute(path)
         for attempt in range(3):
             try:
                 headers = await self.access.auth_headers(self._client)
-                response = await self._client.request(method, url, headers=headers, **kwargs)
+                with metrics.LABEL_STUDIO_CALL_SECONDS.labels(call).time():
+                    response = await self._client.request(method, url, headers=headers,
+                                                          **kwargs)
             except httpx.ConnectError as exc:
                 if attempt < 2:
                     await asyncio.sleep(0.5 * 2 ** attempt)

@@ -46,3 +46,12 @@ STORE_ERRORS = Counter(
     "backend_store_errors_total", "Store calls that failed (store unreachable or timed out)",
     ["store"],
 )
+LABEL_STUDIO_CALL_SECONDS = Histogram(
+    "backend_labelstudio_call_duration_seconds",
+    "Calls to Label Studio's API by pre-label jobs (task pages, prediction imports)", ["call"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PRELABEL_TASKS = Counter(
+    "backend_prelabel_tasks_total", "Tasks worked by pre-label jobs, by outcome (done, failed)",
+    ["outcome"],
+)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import metrics
 from .config import Settings
 from .errors import BackendError, ConfigError, LabelStudioError, Overloaded
 from .labelstudio import LabelStudioAccess, LabelStudioAPI
@@ -318,6 +319,8 @@ async def work_item(model: ZeroShotModel, ledger: JobLedger, spec: JobSpec, task
         raise
     await _off(ledger.finish, spec.id, done, failed)
     await _off(ledger.update, spec.id, spec.project, {"updated_at": time.time()})
+    metrics.PRELABEL_TASKS.labels("done").inc(len(done))
+    metrics.PRELABEL_TASKS.labels("failed").inc(len(failed))
     return {"done": len(done), "failed": len(failed)}
 
 
