@@ -15,6 +15,7 @@ Label Studio request: it shares the inference thread with /predict, one batch at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -195,7 +196,19 @@ class Prelabeler:
         if record is None:
             raise JobNotFound(f"no pre-label job {job!r}; list a project's jobs with "
                               "GET /prelabel?project=ID")
-        return {**progress(record), "failures": self.ledger.failures(job)}
+        state = progress(record)
+        if state["status"] == "running" and self._orphaned(record):
+            state["status"] = "interrupted"
+            state["error"] = ("the process running this job stopped; start the job again "
+                              "(POST /prelabel or python -m backend prelabel) to finish it")
+        return {**state, "failures": self.ledger.failures(job)}
+
+    def _orphaned(self, record: dict[str, Any]) -> bool:
+        """Planning, or working locally, with no live process holding the job."""
+        if record.get("planning") == "done" and record.get("executor") == "rq":
+            return False  # the workers have it
+        holder = self.ledger.holders(record["id"], [PLANNER]).get(PLANNER)
+        return holder is None or _dead(holder)
 
     def jobs(self, project: str) -> list[dict[str, Any]]:
         return [progress(record) for record in self.ledger.jobs(project)]
@@ -241,7 +254,13 @@ class Prelabeler:
 
         async def work() -> None:
             while (tasks := await items.get()) is not None:
-                await work_item(self.model, self.ledger, spec, tasks, self.owner)
+                try:
+                    await work_item(self.model, self.ledger, spec, tasks, self.owner)
+                except Exception as exc:  # noqa: BLE001 - stop the job, keep draining the queue
+                    log.exception("pre-label job %s: a batch failed", spec.id)
+                    with contextlib.suppress(Exception):
+                        await _off(self.ledger.update, spec.id, spec.project, {
+                            "error": f"{type(exc).__name__}: {exc}", "updated_at": time.time()})
 
         workers = [asyncio.ensure_future(work()) for _ in range(self.settings.PRELABEL_PARALLEL)]
         try:

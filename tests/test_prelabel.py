@@ -60,3 +60,24 @@ def test_http_jobs_answer_with_the_fix_and_unknown_jobs_are_404(backend):
     missing = httpx.get(backend.url + "/prelabel/3-000000000000")
     assert missing.status_code == 404 and "GET /prelabel?project=" in missing.json()["detail"]
     assert httpx.get(backend.url + "/prelabel", params={"project": 3}).json()["jobs"] == []
+
+
+def test_a_job_whose_process_died_reports_interrupted_with_how_to_resume(tiny_settings, tmp_path):
+    from backend.prelabel import PLANNER, Prelabeler, new_owner
+    from backend.store.jobs import open_ledger
+    from backend.store.sqlite import SqliteStore
+
+    ledger = open_ledger(SqliteStore(tmp_path / "store.sqlite3"))
+    jobs = Prelabeler(None, ledger, tiny_settings)  # type: ignore[arg-type]  # status only
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = new_owner().split(":")[0]
+    for job, holder in (("1-a", f"{host}:{dead}:x"), ("1-b", new_owner()), ("1-c", None)):
+        ledger.update(job, "1", {"id": job, "project": "1", "model_version": "v",
+                                 "planning": "running", "executor": "local", "seen": 5})
+        if holder:
+            ledger.claim(job, [PLANNER], holder, 60)
+    assert jobs.status("1-a")["status"] == "interrupted"
+    assert "start the job again" in jobs.status("1-a")["error"]
+    assert jobs.status("1-b")["status"] == "running"
+    assert jobs.status("1-c")["status"] == "interrupted"
