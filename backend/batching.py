@@ -4,11 +4,16 @@ Requests never run the model on the event loop. They submit work here and await 
 - `encode(fn, item)`: one image tensor; items from concurrent requests that use the same `fn`
   are merged into one batch of at most `max_batch`, waiting at most `wait_s` for it to fill;
 - `call(fn, *args)`: anything else (loading the model, encoding prompts), run between batches.
+
+Work is taken in priority order, then in order of arrival: Label Studio's requests
+(`FOREGROUND`) go ahead of background pre-label jobs (`BACKGROUND`), which wait at most for the
+batch already running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -25,6 +30,8 @@ from . import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FOREGROUND, BACKGROUND = 0, 1
+_LAST = 2  # the stop marker: after all queued work
 
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,6 +44,9 @@ class _Job:
     batchable: bool = False
 
 
+_Entry = tuple[int, int, "_Job | None"]  # (priority, arrival, job); None stops the thread
+
+
 class InferenceWorker:
     """A single daemon thread that drains a queue of model work."""
 
@@ -45,8 +55,9 @@ class InferenceWorker:
             raise ValueError("max_batch must be ≥ 1")
         self.max_batch = max_batch
         self.wait_s = wait_s
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._held: deque[_Job | None] = deque()
+        self._queue: queue.PriorityQueue[_Entry] = queue.PriorityQueue()
+        self._held: deque[_Entry] = deque()
+        self._arrivals = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches = 0
         self.items = 0
@@ -56,35 +67,39 @@ class InferenceWorker:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the work already queued, then end the thread."""
-        self._queue.put(None)
+        self._put(_LAST, None)
         self._thread.join(timeout)
+
+    def _put(self, priority: int, job: _Job | None) -> None:
+        self._queue.put((priority, next(self._arrivals), job))
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         job = _Job(fn, args)
-        self._queue.put(job)
+        self._put(FOREGROUND, job)
         return job.future
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args))
 
-    async def encode(self, fn: BatchFn, item: torch.Tensor) -> torch.Tensor:
+    async def encode(self, fn: BatchFn, item: torch.Tensor,
+                     priority: int = FOREGROUND) -> torch.Tensor:
         """Run `fn` on `item` (one sample, no batch dim) inside a shared batch; return its row."""
         job = _Job(fn, (item,), batchable=True)
-        self._queue.put(job)
+        self._put(priority, job)
         return await asyncio.wrap_future(job.future)
 
     @property
     def pending(self) -> int:
         return self._queue.qsize() + len(self._held)
 
-    def _next(self, timeout: float | None = None) -> _Job | None:
+    def _next(self, timeout: float | None = None) -> _Entry:
         if self._held:
             return self._held.popleft()
         return self._queue.get(timeout=timeout)
 
     def _run(self) -> None:
         while True:
-            job = self._next()
+            _, _, job = self._next()
             if job is None:
                 return
             if job.batchable:
@@ -97,12 +112,13 @@ class InferenceWorker:
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch:
             try:
-                job = self._next(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self._next(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            job = entry[2]
             # `!=`, not `is not`: each `encoder.encode_images` access is a new bound method
             if job is None or not job.batchable or job.fn != first.fn:
-                self._held.appendleft(job)
+                self._held.appendleft(entry)
                 break
             batch.append(job)
         return batch
