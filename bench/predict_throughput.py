@@ -87,15 +87,18 @@ def backend_predict(url: str, urls: list[str], config: str = CONFIG) -> float:
 
 def naive_loop(model, urls: list[str]) -> float:
     encoder = model.encoder
+    device = encoder.device  # inputs go where the model is, as in the examples (cuda or cpu)
     started = time.perf_counter()
     with torch.inference_mode():
         texts = [f"a photo of a {label}." for label in LABELS]
-        text = encoder.model.encode_text(encoder.tokenizer(texts), normalize=True)  # per request
+        tokens = encoder.tokenizer(texts).to(device)
+        text = encoder.model.encode_text(tokens, normalize=True)  # per request
         for url in urls:
             data = httpx.get(url, timeout=60).content
             image = Image.open(io.BytesIO(data)).convert("RGB")
-            features = encoder.model.encode_image(encoder.preprocess(image)[None], normalize=True)
-            (100 * features @ text.T).softmax(dim=-1)
+            pixels = encoder.preprocess(image)[None].to(device)
+            features = encoder.model.encode_image(pixels, normalize=True)
+            (100 * features @ text.T).softmax(dim=-1).cpu()  # the caller reads the result
     return len(urls) / (time.perf_counter() - started)
 
 
