@@ -1,8 +1,9 @@
 """`python -m backend doctor`: check a deployment before Label Studio finds out it is broken.
 
-Checks, in order: settings, local state directory, store, Label Studio (URL and token), device,
-model. Each prints OK, WARN, FAIL or SKIP; a WARN or FAIL says what to set. Exit status: 1 if
-any check failed, else 0 (warnings alone do not fail).
+Checks, in order: settings, local state directory, store, Label Studio (URL and token),
+pre-label workers (with PRELABEL_EXECUTOR=rq), device, model. Each prints OK, WARN, FAIL or
+SKIP; a WARN or FAIL says what to set. Exit status: 1 if any check failed, else 0 (warnings
+alone do not fail).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run(out: TextIO, *, skip_model: bool = False) -> int:
 
 def _checks(settings: Settings, skip_model: bool) -> Iterable[Check]:
     steps: list[Callable[[Settings], Check]] = [check_model_dir, check_store,
-                                                check_label_studio]
+                                                check_label_studio, check_workers]
     for step in steps:
         yield step(settings)
     device = check_device(settings)
@@ -232,6 +233,32 @@ def _user(response: httpx.Response) -> str | None:
 
 
 # --- device and model ------------------------------------------------------------------------
+def check_workers(settings: Settings) -> Check:
+    """With PRELABEL_EXECUTOR=rq, jobs wait for `python -m backend worker` processes."""
+    if settings.PRELABEL_EXECUTOR != "rq":
+        return Check("workers", "SKIP", "PRELABEL_EXECUTOR=local: jobs run in the server")
+    if not settings.REDIS_URL:
+        return Check("workers", "FAIL", "PRELABEL_EXECUTOR=rq needs a shared Redis",
+                     "set REDIS_URL on the backend and on every worker")
+    from redis import Redis
+    from redis.exceptions import RedisError
+    from rq import Queue, Worker
+
+    from .worker import queue_name
+
+    try:
+        connection = Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_TIMEOUT_S)
+        queue = Queue(queue_name(settings), connection=connection)
+        workers, waiting = len(Worker.all(queue=queue)), queue.count
+    except RedisError as exc:
+        return Check("workers", "FAIL", f"cannot list workers: {exc}", "check REDIS_URL")
+    if not workers:
+        return Check("workers", "WARN", f"no worker listens on {queue.name} ({waiting} items "
+                     "waiting)", "start `python -m backend worker` (one per GPU) with the "
+                     "backend's settings")
+    return Check("workers", "OK", f"{workers} worker(s) on {queue.name}, {waiting} items waiting")
+
+
 def check_device(settings: Settings) -> Check:
     import torch
 

@@ -64,7 +64,7 @@ def test_a_healthy_deployment_passes_every_check(capsys, tiny_env, label_studio,
     status, checks, report = doctor(capsys)
     assert status == 0, report
     assert checks == {"settings": "OK", "model dir": "OK", "store": "OK", "label studio": "OK",
-                      "device": "OK", "model": "OK"}, report
+                      "workers": "SKIP", "device": "OK", "model": "OK"}, report
     assert "admin@example.com" in report and "AOF on" in report
     assert "fix:" not in report
 
@@ -180,6 +180,17 @@ def test_spooled_corrections_are_reported(capsys, tiny_env, monkeypatch, tmp_pat
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "state"))
     status, checks, report = doctor(capsys, "--skip-model")
     assert status == 0 and checks["model dir"] == "WARN" and "2 corrections spooled" in report
+
+
+def test_rq_executor_without_workers_warns_and_without_redis_fails(capsys, tiny_env, monkeypatch,
+                                                                   redis_url):
+    monkeypatch.setenv("PRELABEL_EXECUTOR", "rq")
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert status == 1 and checks["workers"] == "FAIL" and "REDIS_URL" in report
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert status == 0 and checks["workers"] == "WARN"
+    assert "python -m backend worker" in fix_under(report, "workers")
 
 
 def test_python_m_backend_doctor_exits_1_on_failure():
