@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         description="Same as Label Studio's: '/data/local-files/?d=' paths are read from here "
         "when present on this machine, else fetched from Label Studio.",
     )
+    IMAGE_REF_TTL_S: float = Field(
+        7 * 24 * 3600.0, ge=0,
+        description="How long, in seconds, an image URL is trusted to still hold the image "
+        "downloaded from it: within this time a task whose image is already embedded is "
+        "re-scored (e.g. after a label change) without downloading it again. The cost: an image "
+        "replaced behind the same URL is only seen once this time has passed since its last "
+        "download. 0 = download and hash every image on every /predict.",
+    )
 
     # --- Label Studio ----------------------------------------------------------------------
     LABEL_STUDIO_URL: str | None = Field(

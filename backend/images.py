@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
+from . import metrics
 from .config import Settings
 from .errors import FetchError, ImageRefused
 from .labelstudio import LabelStudioAccess, is_personal_access_token, origin
@@ -82,10 +83,12 @@ class ImageFetcher:
             return self._inline(ref)
         async with self._limit:
             try:
-                return await asyncio.wait_for(self._fetch(ref, task_id, ls), self.deadline_s)
+                fetched = await asyncio.wait_for(self._fetch(ref, task_id, ls), self.deadline_s)
             except asyncio.TimeoutError:
                 raise FetchError(f"timed out after {self.deadline_s:g} s fetching {_safe(ref)} "
                                  "(raise FETCH_TIMEOUT_S for slow storage)") from None
+        metrics.IMAGES_FETCHED.inc()
+        return fetched
 
     async def _fetch(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None) -> Fetched:
         scheme = urlsplit(ref).scheme.lower()

@@ -16,6 +16,10 @@ TASKS = Counter("backend_predict_tasks_total", "Tasks predicted, by outcome", ["
 TASK_FAILURES = Counter(
     "backend_task_failures_total", "Tasks (or controls) that failed, by error kind", ["kind"]
 )
+IMAGES_FETCHED = Counter(
+    "backend_images_fetched_total",
+    "Images downloaded or read from local files (data: URIs not counted)",
+)
 IMAGES_ENCODED = Counter("backend_images_encoded_total", "Images run through the image tower")
 PROMPTS_ENCODED = Counter("backend_prompts_encoded_total", "Prompts run through the text tower")
 TEXT_CACHE = Counter(

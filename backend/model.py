@@ -46,7 +46,7 @@ from .predictions import ControlOutcome, decide, empty_prediction, region_id, ta
 from .prompts import plan_prompts, prompt_set_hash
 from .review import ReviewError, head_probabilities, project_view, review, selection
 from .scoring import Head, build_head, ensemble, label_logits, probabilities
-from .store import Store, embedding_key, open_store
+from .store import Store, Vector, embedding_key, open_store
 from .store.journal import Journal
 from .text_embeddings import TextEmbeddingCache
 from .training import Trainer
@@ -324,14 +324,25 @@ class ZeroShotModel:
     async def _embed_tasks(self, tasks: Sequence[Task],
                            ctx: ProjectContext) -> dict[str, Embedded | BaseException]:
         """Embedding (or the error) of every distinct image reference the tasks use."""
-        jobs: dict[str, asyncio.Task[Embedded]] = {}
-        for task in tasks:
-            for space in ctx.parsed.spaces:
-                ref = _image_ref(task, space)
-                if isinstance(ref, str) and ref not in jobs:
-                    jobs[ref] = asyncio.ensure_future(self._embed(ref, _task_id(task), ctx.ls))
+        refs = _distinct_refs(tasks, ctx.parsed.spaces)
+        known = await self._known_embeddings(list(refs))
+        jobs = {ref: asyncio.ensure_future(self._embed(ref, task_id, ctx.ls))
+                for ref, task_id in refs.items() if ref not in known}
         done = await asyncio.gather(*jobs.values(), return_exceptions=True)
-        return dict(zip(jobs, done))
+        return {**known, **dict(zip(jobs, done))}
+
+    async def _known_embeddings(self, refs: list[str]) -> dict[str, Embedded]:
+        """Embeddings of the images whose reference was checked within IMAGE_REF_TTL_S: they
+        need no download. One store round trip for the lot; data: URIs are hashed instead."""
+        ttl = self.settings.IMAGE_REF_TTL_S
+        refs = [ref for ref in refs if not ref.lstrip().startswith("data:")]
+        if not ttl or not refs:
+            return {}
+        found = await self._cache(self.store.embeddings_for_refs, self.embedding_model, refs,
+                                  time.time() - ttl) or {}
+        metrics.EMBEDDING_CACHE.labels("hit").inc(len(found))
+        return {ref: Embedded(torch.from_numpy(vector), key)
+                for ref, (key, vector) in found.items()}
 
     async def _embed(self, ref: str, task_id: int | None,
                      ls: LabelStudioAccess | None) -> Embedded:
@@ -340,7 +351,7 @@ class ZeroShotModel:
         assert encoder is not None
         fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
         key = embedding_key(self.embedding_model, fetched.data)
-        cached = await self._cache(self.store.get_embedding, key)
+        cached = await self._cache(self._stored_embedding, key, ref)
         if cached is not None:
             metrics.EMBEDDING_CACHE.labels("hit").inc()
             return Embedded(torch.from_numpy(cached), key)
@@ -352,6 +363,13 @@ class ZeroShotModel:
         metrics.IMAGES_ENCODED.inc()
         await self._cache(self.store.put_embedding, key, row.numpy(), ref)
         return Embedded(row, key)
+
+    def _stored_embedding(self, key: str, ref: str) -> Vector | None:
+        """The stored embedding of these bytes; if found, `ref` was just seen to hold them."""
+        vector = self.store.get_embedding(key)
+        if vector is not None and not ref.lstrip().startswith("data:"):
+            self.store.put_image_ref(key, ref)
+        return vector
 
     async def _cache(self, call: Any, *args: Any) -> Any:
         """The embedding cache is an optimisation: when the store is down, carry on without.
@@ -558,6 +576,17 @@ async def _as_coroutine(fn: Any, *args: Any) -> Any:
 def _task_id(task: Task) -> int | None:
     value = task.get("id") if isinstance(task, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _distinct_refs(tasks: Sequence[Task], spaces: Sequence[LabelSpace]) -> dict[str, int | None]:
+    """Each image reference the tasks use, with the id of the first task using it."""
+    refs: dict[str, int | None] = {}
+    for task in tasks:
+        for space in spaces:
+            ref = _image_ref(task, space)
+            if isinstance(ref, str) and ref not in refs:
+                refs[ref] = _task_id(task)
+    return refs
 
 
 def _image_ref(task: Task, space: LabelSpace) -> str | TaskError:

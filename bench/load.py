@@ -12,7 +12,9 @@ in this process, and for --seconds runs at once:
   /health    one prober, in its own process (so this process's load does not count), GETting
              /health every 50 ms as Label Studio's connection check does.
 Each downloaded image carries distinct bytes, as new tasks do, so every image is fetched,
-decoded and encoded (--repeat-images serves identical bytes: repeats hit the embedding cache).
+decoded and encoded (the server runs with IMAGE_REF_TTL_S=0, so a URL seen before is fetched
+again); --repeat-images serves identical bytes with the default TTL: repeats are re-scored
+from the embedding cache without a download.
 Timeouts are Label Studio's: 1 s for /health and /webhook, 100 s for /predict.
 Error: a transport error, a timeout, a non-2xx answer or a task answered without a result.
 A 503 counts as an error unless --overload (then it is load shed); it is reported either way,
@@ -130,7 +132,10 @@ class Report:
 def backend_env(args: argparse.Namespace, tmp: Path) -> dict[str, str]:
     model = ({"MODEL_NAME": args.model} if args.model
              else {"MODEL_CONFIG": str(write_config(tmp / "model"))})
-    return {**model, "MODEL_PRETRAINED": "none", "MODEL_DIR": str(tmp / "model-dir"),
+    # every download brings new bytes (as new tasks do), unless --repeat-images: so URLs are
+    # never trusted to still hold what they held (IMAGE_REF_TTL_S=0), every image is fetched
+    ttl = {} if args.repeat_images else {"IMAGE_REF_TTL_S": "0"}
+    return {**model, **ttl, "MODEL_PRETRAINED": "none", "MODEL_DIR": str(tmp / "model-dir"),
             "IMAGE_URL_ALLOWLIST": "127.0.0.1", "LOG_LEVEL": "WARNING"}
 
 
@@ -325,7 +330,8 @@ async def load(backend: Any, urls: list[str], report: Report,
     tallies["/health"].latencies, tallies["/health"].outcomes = latencies, Counter(outcomes)
 
 
-COUNTERS = {"encoded": ("backend_images_encoded_total", {}),
+COUNTERS = {"fetched": ("backend_images_fetched_total", {}),
+            "encoded": ("backend_images_encoded_total", {}),
             "cache hits": ("backend_embedding_cache_lookups_total", {"result": "hit"}),
             "corrections": ("backend_corrections_logged_total", {})}
 
@@ -394,8 +400,8 @@ def print_report(report: Report) -> None:
     print(f"server RSS MiB each quarter: {quarters} -> {rss[-1]:.0f} at the end "
           f"({rss[-1] - rss[0]:+.0f}, peak {max(rss):.0f}); CPU cores used: server "
           "{:.2f}, this process {:.2f}, other processes {:.2f}".format(*report.cpu_cores))
-    print(f"images encoded {c['encoded']:.0f}, embedding-cache hits {c['cache hits']:.0f}, "
-          f"corrections logged {c['corrections']:.0f}")
+    print(f"images fetched {c['fetched']:.0f}, encoded {c['encoded']:.0f}, embedding-cache hits "
+          f"{c['cache hits']:.0f}, corrections logged {c['corrections']:.0f}")
     errors = report.errors()
     print("errors: " + (", ".join(f"{k} x{n}" for k, n in errors.most_common()) or "none"))
     for route, tally in report.tallies.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,7 +12,7 @@ import redis
 
 from backend.errors import StoreUnavailable
 from backend.feedback import entries_from_webhook, prediction_entry
-from backend.store import embedding_key
+from backend.store import embedding_key, ref_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
 
@@ -102,6 +104,60 @@ def test_embeddings_by_content_and_by_reference(store):
     np.testing.assert_allclose(store.get_embedding(key), vector, rtol=1e-3, atol=1e-3)  # float16
     assert store.embedding_key_for("ViT-B-32/x", "/data/upload/1/a.png") == key
     assert store.embedding_key_for("other-model", "/data/upload/1/a.png") is None
+
+
+def test_fresh_image_refs_are_looked_up_in_bulk_with_their_embeddings(store):
+    vectors = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    before = time.time()
+    keys = [embedding_key("m", bytes([i])) for i in range(3)]
+    store.put_embedding(keys[0], vectors[0], "/a.png")
+    store.put_embedding(keys[1], vectors[1], "/b.png")
+    store.put_image_ref(keys[2], "/c.png")  # mapped, but its embedding was never stored
+    store.put_embedding(embedding_key("other", b"d"), vectors[2], "/d.png")
+    found = store.embeddings_for_refs("m", ["/a.png", "/b.png", "/c.png", "/d.png", "/e.png"],
+                                      before)
+    assert {ref: key for ref, (key, _) in found.items()} == {"/a.png": keys[0], "/b.png": keys[1]}
+    np.testing.assert_allclose(found["/b.png"][1], vectors[1], rtol=1e-3, atol=1e-3)
+    assert store.embeddings_for_refs("m", ["/a.png"], time.time() + 1) == {}  # not fresh
+    assert store.embeddings_for_refs("m", [], before) == {}
+
+
+def test_fetching_again_refreshes_when_a_ref_was_verified(store):
+    key = embedding_key("m", b"a")
+    store.put_embedding(key, np.ones(4, np.float32), "/a.png")
+    later = time.time()
+    assert store.embeddings_for_refs("m", ["/a.png"], later) == {}
+    store.put_image_ref(key, "/a.png")
+    assert store.embeddings_for_refs("m", ["/a.png"], later)["/a.png"][0] == key
+    changed = embedding_key("m", b"a, edited")  # new bytes behind the same reference
+    store.put_embedding(changed, np.zeros(4, np.float32), "/a.png")
+    assert store.embeddings_for_refs("m", ["/a.png"], later)["/a.png"][0] == changed
+
+
+def test_many_refs_are_looked_up_in_chunks(store):
+    refs = [f"/img/{i}.png" for i in range(1_200)]
+    for i, ref in enumerate(refs[::2]):
+        store.put_embedding(embedding_key("m", str(i).encode()), np.full(4, i, np.float32), ref)
+    found = store.embeddings_for_refs("m", refs, 0.0)
+    assert sorted(found) == sorted(refs[::2])
+
+
+def test_sqlite_store_of_an_older_version_treats_its_image_refs_as_unverified(tmp_path):
+    path = tmp_path / "store.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE images (ref TEXT PRIMARY KEY, embedding_key TEXT NOT NULL);"
+                      "CREATE TABLE embeddings (key TEXT PRIMARY KEY, data BLOB NOT NULL);")
+    old.close()
+    store = SqliteStore(path)
+    key = embedding_key("m", b"a")
+    store.put_embedding(key, np.ones(4, np.float32))
+    store._db.execute("INSERT INTO images (ref, embedding_key) VALUES (?, ?)",
+                      (ref_key("m", "/a.png"), key))
+    assert store.embedding_key_for("m", "/a.png") == key
+    assert store.embeddings_for_refs("m", ["/a.png"], 1.0) == {}
+    store.put_image_ref(key, "/a.png")
+    assert store.embeddings_for_refs("m", ["/a.png"], 1.0)["/a.png"][0] == key
+    store.close()
 
 
 def test_data_survives_reopening(request, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,10 @@ Record = dict[str, Any]
 ZERO_SHOT = "zero-shot"
 """The active-head value of a project rolled back to pure zero-shot."""
 Vector = npt.NDArray[np.float32]
+Known = tuple[str, Vector]
+"""An image's embedding key and its embedding."""
+BULK_READ = 500
+"""References looked up per round trip."""
 
 
 class Store(Protocol):
@@ -61,9 +65,25 @@ class Store(Protocol):
 
     def set_active_head(self, project: str, head: str) -> None: ...
 
-    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None: ...
+    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
+        """Store an embedding; with `image_ref`, also record that the image at that reference
+        was fetched just now and hashed to `key`."""
+        ...
+
+    def put_image_ref(self, key: str, image_ref: str) -> None:
+        """Record that the image at `image_ref` was fetched just now and hashed to `key`."""
+        ...
+
     def get_embedding(self, key: str) -> Vector | None: ...
     def embedding_key_for(self, model: str, image_ref: str) -> str | None: ...
+
+    def embeddings_for_refs(self, model: str, image_refs: Sequence[str],
+                            verified_since: float) -> dict[str, Known]:
+        """For each image reference whose mapping to a `model` embedding was recorded at or
+        after `verified_since` (Unix time, s) and whose embedding is stored: (key, vector).
+        One round trip per few hundred references."""
+        ...
+
     def ping(self) -> None: ...
     def close(self) -> None: ...
 

@@ -12,6 +12,7 @@ With the default prefix `clip-backend` (STORE_PREFIX):
     clip-backend:predicted-tasks:{project}          set     tasks with an issued prediction
     clip-backend:embedding:{model}|{sha256}         string  image embedding, float16 bytes
     clip-backend:image:{model}|{sha1(ref)}          string  embedding key of the image at a ref
+    clip-backend:image-verified:{model}|{sha1(ref)} string  when that was last checked (Unix s)
     clip-backend:heads:{project}                    hash    adapted heads by id (h1, h2, …; JSON)
     clip-backend:head-seq:{project}                 string  the last head number issued
     clip-backend:active-head:{project}              string  the head the project serves
@@ -63,6 +64,9 @@ class Keys:
 
     def image(self, key: str) -> str:
         return self._key("image", key)
+
+    def image_verified(self, key: str) -> str:
+        return self._key("image-verified", key)
 
     def heads(self, project: str) -> str:
         return self._key("heads", project)

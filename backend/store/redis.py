@@ -11,7 +11,8 @@ itself is killed; `everysec` risks the last second).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -19,7 +20,7 @@ import redis
 from .. import metrics
 from ..errors import StoreUnavailable
 from ..feedback import Entry
-from . import BaseStore, Record, Vector, pack, ref_key, unpack
+from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 from .keys import Keys
 
 _COMMIT_ANNOTATION = """
@@ -156,8 +157,18 @@ class RedisStore(BaseStore):
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self.keys.embedding(key), pack(vector))
         if image_ref is not None:
-            pipe.set(self.keys.image(ref_key(key.split("|", 1)[0], image_ref)), key)
+            self._queue_image_ref(pipe, key, image_ref)
         self._call(pipe.execute)
+
+    def put_image_ref(self, key: str, image_ref: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        self._queue_image_ref(pipe, key, image_ref)
+        self._call(pipe.execute)
+
+    def _queue_image_ref(self, pipe: Any, key: str, image_ref: str) -> None:
+        ref = ref_key(key.split("|", 1)[0], image_ref)
+        pipe.set(self.keys.image(ref), key)
+        pipe.set(self.keys.image_verified(ref), repr(time.time()))
 
     def get_embedding(self, key: str) -> Vector | None:
         raw = self._call(self._redis.get, self.keys.embedding(key))
@@ -166,6 +177,29 @@ class RedisStore(BaseStore):
     def embedding_key_for(self, model: str, image_ref: str) -> str | None:
         raw = self._call(self._redis.get, self.keys.image(ref_key(model, image_ref)))
         return raw.decode() if raw else None
+
+    def embeddings_for_refs(self, model: str, image_refs: Sequence[str],
+                            verified_since: float) -> dict[str, Known]:
+        found: dict[str, Known] = {}
+        for start in range(0, len(image_refs), BULK_READ):
+            found.update(self._fresh_embeddings(model, image_refs[start:start + BULK_READ],
+                                                verified_since))
+        return found
+
+    def _fresh_embeddings(self, model: str, image_refs: Sequence[str],
+                          verified_since: float) -> dict[str, Known]:
+        """Two MGETs for the lot: the fresh mappings, then their embeddings."""
+        refs = [ref_key(model, image_ref) for image_ref in image_refs]
+        mapped = self._call(self._redis.mget, [*map(self.keys.image, refs),
+                                                *map(self.keys.image_verified, refs)])
+        fresh = {image_ref: key.decode() for image_ref, key, verified
+                 in zip(image_refs, mapped[:len(refs)], mapped[len(refs):])
+                 if key and verified and float(verified) >= verified_since}
+        if not fresh:
+            return {}
+        vectors = self._call(self._redis.mget, [self.keys.embedding(k) for k in fresh.values()])
+        return {image_ref: (key, unpack(raw))
+                for (image_ref, key), raw in zip(fresh.items(), vectors) if raw}
 
     def ping(self) -> None:
         self._call(self._redis.ping)

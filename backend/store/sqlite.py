@@ -5,7 +5,7 @@ Tables:
     corrections  the current record of each annotation (`updated_ts`: LS's updated_at)
     predictions  the latest prediction issued per (project, task)
     embeddings   image embeddings (float16) by content key
-    images       image reference → embedding key, per model
+    images       image reference → embedding key, per model, and when that was last checked
     heads        adapted heads per project (`seq` gives the id: h1, h2, …)
     active_heads the head each project serves
 
@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import StoreUnavailable
 from ..feedback import Entry
-from . import BaseStore, Record, Vector, pack, ref_key, unpack
+from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -35,7 +36,8 @@ CREATE INDEX IF NOT EXISTS corrections_by_project ON corrections (project, updat
 CREATE TABLE IF NOT EXISTS predictions (
     project TEXT NOT NULL, task TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, task));
 CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, embedding_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    ref TEXT PRIMARY KEY, embedding_key TEXT NOT NULL, verified_at REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS heads (
     project TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, seq));
 CREATE TABLE IF NOT EXISTS active_heads (project TEXT PRIMARY KEY, head TEXT NOT NULL);
@@ -52,6 +54,7 @@ class SqliteStore(BaseStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            _add_verified_at(self._db)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the embedded store {path}: {exc}; check that "
                                    "MODEL_DIR is writable") from None
@@ -180,10 +183,11 @@ class SqliteStore(BaseStore):
         statements: list[tuple[str, tuple[object, ...]]] = [
             ("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", (key, pack(vector)))]
         if image_ref is not None:
-            model = key.split("|", 1)[0]
-            statements.append(("INSERT OR REPLACE INTO images VALUES (?, ?)",
-                               (ref_key(model, image_ref), key)))
+            statements.append(_image_ref_statement(key, image_ref))
         self._write(statements)
+
+    def put_image_ref(self, key: str, image_ref: str) -> None:
+        self._write([_image_ref_statement(key, image_ref)])
 
     def get_embedding(self, key: str) -> Vector | None:
         rows = self._read("SELECT data FROM embeddings WHERE key = ?", (key,))
@@ -194,9 +198,35 @@ class SqliteStore(BaseStore):
                           (ref_key(model, image_ref),))
         return str(rows[0][0]) if rows else None
 
+    def embeddings_for_refs(self, model: str, image_refs: Sequence[str],
+                            verified_since: float) -> dict[str, Known]:
+        found: dict[str, Known] = {}
+        for start in range(0, len(image_refs), BULK_READ):
+            refs = {ref_key(model, r): r for r in image_refs[start:start + BULK_READ]}
+            rows = self._read(
+                "SELECT images.ref, images.embedding_key, embeddings.data FROM images "
+                "JOIN embeddings ON embeddings.key = images.embedding_key "
+                f"WHERE images.ref IN ({', '.join('?' * len(refs))}) "
+                "AND images.verified_at >= ?", (*refs, verified_since))
+            found.update({refs[str(ref)]: (str(key), unpack(data))  # type: ignore[arg-type]
+                          for ref, key, data in rows})
+        return found
+
     def ping(self) -> None:
         self._read("SELECT 1")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _image_ref_statement(key: str, image_ref: str) -> tuple[str, tuple[object, ...]]:
+    return ("INSERT OR REPLACE INTO images VALUES (?, ?, ?)",
+            (ref_key(key.split("|", 1)[0], image_ref), key, time.time()))
+
+
+def _add_verified_at(db: sqlite3.Connection) -> None:
+    """Stores written before `verified_at` existed: their mappings count as never checked."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+    if "verified_at" not in columns:
+        db.execute("ALTER TABLE images ADD COLUMN verified_at REAL NOT NULL DEFAULT 0")
