@@ -209,3 +209,25 @@ def test_threads_sets_pytorchs_cpu_threads(tiny_configs):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_fast_preprocessing_gives_open_clips_exact_tensors():
+    """ToTensor + Normalize run in NumPy (no PyTorch thread pool in the decode threads): the
+    tensors must be bit-identical to open_clip's own pipeline, for every image shape and mode."""
+    import open_clip
+    from PIL import Image
+
+    from backend.encoder import _split_preprocess
+
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    head, tail = _split_preprocess(preprocess)
+    assert tail is not None
+    rng = np.random.default_rng(0)
+    for size, mode in (((640, 480), "RGB"), ((97, 301), "RGB"), ((224, 224), "L"),
+                       ((50, 40), "RGBA")):
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8),
+                                "RGBA").convert(mode)
+        staged = image
+        for step in head:
+            staged = step(staged)
+        assert torch.equal(tail(staged), preprocess(image)), (size, mode)
