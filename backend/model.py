@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from . import metrics
-from .batching import InferenceWorker
+from .batching import BACKGROUND, FOREGROUND, InferenceWorker
 from .config import Settings
 from .decode import decode_image
 from .encoder import Encoder, ModelSpec, load_encoder
@@ -68,6 +69,8 @@ LOAD_WAIT_S = 90.0
 
 Task = dict[str, Any]
 State = Literal["loading", "ready", "failed"]
+_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("priority", default=FOREGROUND)
+"""The inference priority of the work in progress: background jobs yield to Label Studio."""
 
 
 @dataclass
@@ -131,6 +134,8 @@ class ZeroShotModel:
         self._lazy_waiting = 0
         # decoded images waiting for the encoder: bounded, so memory is too
         self._decoded = asyncio.Semaphore(DECODED_PER_BATCH * self.worker.max_batch)
+        # background jobs get their own, smaller share: they never hold what a request needs
+        self._decoded_background = asyncio.Semaphore(2 * self.worker.max_batch)
         self.pending_tasks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -294,9 +299,11 @@ class ZeroShotModel:
         return ctx.parsed, ctx.heads
 
     async def predict(self, tasks: Sequence[Task], context: dict[str, Any] | None = None, *,
-                      label_config: str, project: Any = None,
-                      head: str | None = None) -> list[dict[str, Any]]:
-        """One Label Studio prediction per task, in order. A failing task gets an empty one."""
+                      label_config: str, project: Any = None, head: str | None = None,
+                      background: bool = False) -> list[dict[str, Any]]:
+        """One Label Studio prediction per task, in order. A failing task gets an empty one.
+        `background` work (pre-label jobs) waits for Label Studio's requests at every step."""
+        _PRIORITY.set(BACKGROUND if background else FOREGROUND)  # this task and its children
         with self._admitted(len(tasks)):
             ctx = await self.context(label_config, project, head)
             embeddings = await self._embed_tasks(tasks, ctx)
@@ -357,9 +364,10 @@ class ZeroShotModel:
             return Embedded(torch.from_numpy(cached), key)
         metrics.EMBEDDING_CACHE.labels("miss").inc()
         loop = asyncio.get_running_loop()
-        async with self._decoded:
+        priority = _PRIORITY.get()
+        async with self._decoded_background if priority == BACKGROUND else self._decoded:
             pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
-            row = await self.worker.encode(encoder.encode_images, pixels)
+            row = await self.worker.encode(encoder.encode_images, pixels, priority)
         metrics.IMAGES_ENCODED.inc()
         await self._cache(self.store.put_embedding, key, row.numpy(), ref)
         return Embedded(row, key)

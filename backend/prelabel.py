@@ -378,7 +378,7 @@ async def _predict(model: ZeroShotModel, spec: JobSpec, tasks: list[Task]) -> li
     while True:
         try:
             return await model.predict(tasks, label_config=spec.label_config,
-                                       project=spec.project, head=spec.head)
+                                       project=spec.project, head=spec.head, background=True)
         except Overloaded:  # Label Studio's own requests come first
             await asyncio.sleep(OVERLOAD_RETRY_S)
 

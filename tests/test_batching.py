@@ -69,3 +69,36 @@ def test_stop_finishes_queued_work():
 def test_batch_cap_must_be_positive():
     with pytest.raises(ValueError):
         InferenceWorker(max_batch=0, wait_s=0)
+
+
+def test_label_studio_requests_overtake_queued_background_work():
+    """A pre-label job's images wait behind a request's, not the other way round: only the
+    batch already running is finished first."""
+    from backend.batching import BACKGROUND, FOREGROUND
+
+    seen: list[float] = []
+    gate = threading.Event()
+    worker = InferenceWorker(max_batch=2, wait_s=0.0)
+
+    def encode(batch: torch.Tensor) -> torch.Tensor:
+        gate.wait(5)
+        seen.extend(batch.flatten().tolist())
+        return batch
+
+    async def run():
+        running = asyncio.ensure_future(worker.encode(encode, torch.tensor([0.0]), BACKGROUND))
+        await asyncio.sleep(0.05)  # the worker holds item 0, blocked on the gate
+        queued = [asyncio.ensure_future(worker.encode(encode, torch.tensor([float(i)]),
+                                                      BACKGROUND)) for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0.01)
+        urgent = asyncio.ensure_future(worker.encode(encode, torch.tensor([9.0]), FOREGROUND))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(running, urgent, *queued)
+
+    worker.start()
+    try:
+        asyncio.run(run())
+    finally:
+        worker.stop(5)
+    assert seen[0] == 0.0 and seen[1] == 9.0 and sorted(seen[2:]) == [1.0, 2.0, 3.0, 4.0]
