@@ -1,4 +1,6 @@
 import asyncio
+import os
+import sys
 import threading
 
 import pytest
@@ -69,3 +71,26 @@ def test_stop_finishes_queued_work():
 def test_batch_cap_must_be_positive():
     with pytest.raises(ValueError):
         InferenceWorker(max_batch=0, wait_s=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_inference_thread_and_the_threads_it_starts_yield_the_cpu_to_the_event_loop():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def started_thread() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(niceness()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    caller = niceness()
+    worker = InferenceWorker(max_batch=1, wait_s=0, nice=3)
+    worker.start()
+    try:
+        own = worker.submit(niceness).result(5)
+        assert own == min(19, caller + 3) and worker.submit(started_thread).result(5) == own
+    finally:
+        worker.stop(5)
+    assert niceness() == caller  # the caller's own priority is untouched
