@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -35,6 +37,22 @@ _LAST = 2  # the stop marker: after all queued work
 
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
 
+BACKGROUND_NICE = 10
+"""Niceness added to the threads that saturate the CPUs (model, decoding): the event loop keeps
+answering /health and webhooks within milliseconds while they run."""
+
+
+def lower_priority(nice: int = BACKGROUND_NICE) -> None:
+    """Lower the calling thread's CPU priority, and that of the threads it starts from now on
+    (such as PyTorch's OpenMP pool): on Linux, niceness is per thread and inherited."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox may forbid it: run at normal priority
+        log.debug("could not lower thread priority: %s", exc)
+
 
 @dataclass
 class _Job:
@@ -50,11 +68,13 @@ _Entry = tuple[int, int, "_Job | None"]  # (priority, arrival, job); None stops 
 class InferenceWorker:
     """A single daemon thread that drains a queue of model work."""
 
-    def __init__(self, max_batch: int, wait_s: float, name: str = "inference") -> None:
+    def __init__(self, max_batch: int, wait_s: float, name: str = "inference",
+                 nice: int = BACKGROUND_NICE) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be ≥ 1")
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.nice = nice
         self._queue: queue.PriorityQueue[_Entry] = queue.PriorityQueue()
         self._held: deque[_Entry] = deque()
         self._arrivals = itertools.count()
@@ -98,6 +118,7 @@ class InferenceWorker:
         return self._queue.get(timeout=timeout)
 
     def _run(self) -> None:
+        lower_priority(self.nice)  # before the model's first op starts PyTorch's thread pool
         while True:
             _, _, job = self._next()
             if job is None:

@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     )
     DEVICE: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     PRECISION: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU."
+        "auto", description="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU. bf16 on CPU: "
+        "the weights in bf16, about 2x faster where the CPU has native BF16 (AVX512-BF16, AMX); "
+        "embeddings differ from fp32 in the 4th decimal."
     )
     TEMPLATES: str = Field(
         "simple",

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from . import metrics
-from .batching import BACKGROUND, FOREGROUND, InferenceWorker
+from .batching import BACKGROUND, FOREGROUND, InferenceWorker, lower_priority
 from .config import Settings
 from .decode import decode_image
 from .encoder import Encoder, ModelSpec, load_encoder
@@ -118,7 +118,8 @@ class ZeroShotModel:
         self.texts = TextEmbeddingCache()
         self.fetcher = fetcher or ImageFetcher(settings)
         threads = settings.DECODE_THREADS or os.cpu_count() or 2
-        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",
+                                              initializer=lower_priority)
         self._heads: OrderedDict[str, Head] = OrderedDict()
         self._building: dict[str, asyncio.Future[Head]] = {}
         self._projects: dict[str, LabelStudioAccess] = {}

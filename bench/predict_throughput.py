@@ -1,14 +1,14 @@
 """End-to-end /predict throughput as a ratio of the encoder's own, measured in one run.
 
     python bench/predict_throughput.py [--model ViT-B-32] [--images 32] [--megapixels 0.3 12]
-                                       [--device auto|cpu|cuda]
+                                       [--device auto|cpu|cuda] [--precision auto|bf16|…]
 
 For each image size it measures, on the same model and batch size:
   encoder   images/s of `encode_images` on already-preprocessed tensors (the ceiling);
   backend   images/s of the real /predict over loopback HTTP (download, decode, preprocess,
             batched encode, score, format), text embeddings already cached;
   naive     images/s of a loop in the style of the official examples: sequential download,
-            full decode, one image per forward pass, label prompts encoded per request;
+            full decode, one image per forward pass in FP32, label prompts encoded per request;
   rescore   images/s of /predict over every image of that size embedded so far (the project),
             with a label added (so its prompt is encoded once, as after a real label change):
             the embeddings come from the store, and no image is downloaded within
@@ -21,6 +21,7 @@ Weights are random (same FLOPs as the real ones); no network is needed.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import os
 import sys
@@ -100,20 +101,25 @@ def backend_predict(url: str, urls: list[str], config: str = CONFIG) -> float:
     return len(urls) / elapsed
 
 
-def naive_loop(model, urls: list[str]) -> float:
-    encoder = model.encoder
+def naive_loop(naive, urls: list[str]) -> float:
+    """`naive`: (model in FP32, its preprocess, tokenizer, device), as the examples load it."""
+    model, preprocess, tokenizer, device = naive
     started = time.perf_counter()
     with torch.inference_mode():
         texts = [f"a photo of a {label}." for label in LABELS]
-        tokens = encoder.tokenizer(texts).to(encoder.device)
-        text = encoder.model.encode_text(tokens, normalize=True)  # per request
+        text = model.encode_text(tokenizer(texts).to(device), normalize=True)  # per request
         for url in urls:
             data = httpx.get(url, timeout=60).content
             image = Image.open(io.BytesIO(data)).convert("RGB")
-            pixels = encoder.preprocess(image)[None].to(encoder.device)
-            features = encoder.model.encode_image(pixels, normalize=True)
+            features = model.encode_image(preprocess(image)[None].to(device), normalize=True)
             (100 * features @ text.T).softmax(dim=-1).cpu()
     return len(urls) / (time.perf_counter() - started)
+
+
+def naive_model(encoder) -> tuple:
+    """The backend's model as the examples run it: FP32, whatever PRECISION the backend uses."""
+    model = copy.deepcopy(encoder.model).float()
+    return model, encoder.preprocess, encoder.tokenizer, encoder.device
 
 
 def counted() -> tuple[float, float]:
@@ -123,20 +129,21 @@ def counted() -> tuple[float, float]:
     return metrics.IMAGES_FETCHED._value.get(), metrics.IMAGES_ENCODED._value.get()
 
 
-def one_run(url: str, server: LoopbackServer, model, project: list[str], megapixels: float,
-            run: int, args: argparse.Namespace) -> tuple[float, ...]:
+def one_run(url: str, server: LoopbackServer, model, naive, project: list[str],
+            megapixels: float, run: int, args: argparse.Namespace) -> tuple[float, ...]:
     """(encoder, backend, naive, rescore img/s, images downloaded and encoded while
     re-scoring, images re-scored, KB/image). `project` gains this run's image URLs."""
     images = [photo_like_jpeg(megapixels, run * 1_000 + seed) for seed in range(args.images)]
     urls = [server.add(f"/{megapixels}/{run}/{i}.jpg", Route(data, content_type="image/jpeg"))
             for i, data in enumerate(images)]
-    ceiling = encoder_only(model, images, args.batch)
+    # on the inference thread: at the backend's own CPU priority (batching.BACKGROUND_NICE)
+    ceiling = model.worker.submit(encoder_only, model, images, args.batch).result()
     served = backend_predict(url, urls)
     project += urls
     before = counted()
     rescore = backend_predict(url, project, rescore_config(f"bus {megapixels} {run}"))
     fetched, encoded = (after - then for after, then in zip(counted(), before))
-    naive = naive_loop(model, urls)
+    naive = model.worker.submit(naive_loop, naive, urls).result()
     return (ceiling, served, naive, rescore, fetched, encoded, len(project),
             sum(map(len, images)) / len(images) / 1024)
 
@@ -149,27 +156,31 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, nargs="+", default=[0.3, 12.0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="auto", help="DEVICE setting: auto, cpu, cuda, …")
+    parser.add_argument("--precision", default="auto", help="PRECISION setting: auto, bf16, …")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians shown")
     args = parser.parse_args()
     settings = load_settings(MODEL_NAME=args.model, MODEL_PRETRAINED="none", BATCH_SIZE=args.batch,
-                             DEVICE=args.device, IMAGE_URL_ALLOWLIST="127.0.0.1",
+                             DEVICE=args.device, PRECISION=args.precision,
+                             IMAGE_URL_ALLOWLIST="127.0.0.1",
                              TEMPLATES="photo", LOG_LEVEL="WARNING")
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as server:
         backend.wait_model()
         model = backend.app.state.model
-        print(f"model {args.model} (random weights) on {model.encoder.device}, batch "
-              f"{args.batch}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+        naive = naive_model(model.encoder)
+        print(f"model {args.model} (random weights) on {model.encoder.device}, "
+              f"{model.encoder.describe()['precision']}, batch {args.batch}, torch threads "
+              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")
         for megapixels in args.megapixels:
-            measure_size(backend.url, server, model, megapixels, args)
+            measure_size(backend.url, server, model, naive, megapixels, args)
 
 
-def measure_size(url: str, server: LoopbackServer, model, megapixels: float,
+def measure_size(url: str, server: LoopbackServer, model, naive, megapixels: float,
                  args: argparse.Namespace) -> None:
     warm = [server.add(f"/warm/{megapixels}/{i}.jpg", Route(
         photo_like_jpeg(megapixels, 10_000 + i), content_type="image/jpeg")) for i in range(16)]
     backend_predict(url, warm)  # warm-up: first forward passes are slow
     project = list(warm)
-    runs = [one_run(url, server, model, project, megapixels, run, args)
+    runs = [one_run(url, server, model, naive, project, megapixels, run, args)
             for run in range(args.repeat)]
     ceiling, served, naive, rescore, fetched, encoded, rescored, size_kb = (
         float(np.median(c)) for c in zip(*runs))

@@ -1,4 +1,6 @@
 import asyncio
+import os
+import sys
 import threading
 
 import pytest
@@ -102,3 +104,26 @@ def test_label_studio_requests_overtake_queued_background_work():
     finally:
         worker.stop(5)
     assert seen[0] == 0.0 and seen[1] == 9.0 and sorted(seen[2:]) == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_inference_thread_and_the_threads_it_starts_yield_the_cpu_to_the_event_loop():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def started_thread() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(niceness()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    caller = niceness()
+    worker = InferenceWorker(max_batch=1, wait_s=0, nice=3)
+    worker.start()
+    try:
+        own = worker.submit(niceness).result(5)
+        assert own == min(19, caller + 3) and worker.submit(started_thread).result(5) == own
+    finally:
+        worker.stop(5)
+    assert niceness() == caller  # the caller's own priority is untouched

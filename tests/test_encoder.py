@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import json
 from pathlib import Path
@@ -16,7 +17,14 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGE
 from PIL import Image
 
 from backend.config import load_settings
-from backend.encoder import ModelSpec, autocast_dtype, load_encoder, resolve_device
+from backend.encoder import (
+    ModelSpec,
+    OpenClipEncoder,
+    autocast_dtype,
+    load_encoder,
+    resolve_device,
+    weights_dtype,
+)
 from backend.errors import ConfigError, ModelUnavailable
 from backend.labels import parse_label_config
 from backend.model import ZeroShotModel
@@ -189,7 +197,24 @@ def test_device_and_precision_choice():
     assert autocast_dtype(cpu, "auto") is None
     assert autocast_dtype(cuda, "fp16") is torch.float16
     assert autocast_dtype(cuda, "fp32") is None
-    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(cpu, "bf16") is None  # on CPU, bf16 weights: autocast is slower
+    assert weights_dtype(cpu, "bf16") is torch.bfloat16
+    assert weights_dtype(cpu, "auto") is None and weights_dtype(cuda, "bf16") is None
+
+
+def test_bf16_weights_on_cpu_keep_scoring_constants_and_embeddings(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["siglip"], MODEL_PRETRAINED="none")
+    fp32 = load_encoder(settings)
+    bf16 = OpenClipEncoder(copy.deepcopy(fp32.model), fp32.preprocess, fp32.tokenizer,
+                           torch.device("cpu"), None, torch.bfloat16)
+    assert (bf16.logit_scale, bf16.logit_bias) == (fp32.logit_scale, fp32.logit_bias)
+    pixels = torch.stack([fp32.preprocess(image) for image in random_images(4)])
+    for encode in ("encode_images", "encode_texts"):
+        given = pixels if encode == "encode_images" else ["a photo of a cat.", "a dog"]
+        ours, theirs = getattr(bf16, encode)(given), getattr(fp32, encode)(given)
+        assert ours.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.99
+    assert bf16.describe()["precision"] == "bfloat16"
 
 
 def test_model_version_names_backbone_weights_and_prompts(tiny_settings):
