@@ -184,9 +184,14 @@ class Prelabeler:
     async def prepare(self, project: str) -> JobSpec:
         api = self.api(project)
         try:
-            config = str((await api.project(project)).get("label_config") or "")
+            settings = await api.project(project)
         finally:
             await api.aclose()
+        if settings.get("evaluate_predictions_automatically"):
+            log.warning("project %s: Label Studio calls /predict itself for the task pages a "
+                        "pre-label job reads (project setting 'Retrieve predictions when loading "
+                        "a task automatically'); turn it off while the job runs", project)
+        config = str(settings.get("label_config") or "")
         ctx = await self.model.context(config, project)
         return JobSpec(job_id(project, ctx.model_version), project, ctx.model_version, config,
                        ctx.active.id or ZERO_SHOT)
