@@ -337,6 +337,8 @@ def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Tas
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def backend_error(request: Request, exc: Exception) -> JSONResponse:
         status = next((code for kind, code in _STATUS_FOR if isinstance(exc, kind)), 500)
+        if isinstance(exc, LabelStudioError) and exc.status == 404:
+            status = 404  # Label Studio has no such project: the caller's mistake, relayed
         if isinstance(exc, Overloaded):  # can be hundreds a second: counted, not logged
             metrics.SHED.inc()
         else:

@@ -15,14 +15,22 @@ from backend.config import load_settings
 from backend.server import create_app
 
 from .support.backend_server import BackendThread
+from .support.http_server import LoopbackServer
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
 def test_no_input_makes_the_server_fail(tiny_configs, tmp_path):
-    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
-                             IMAGE_URL_ALLOWLIST="", FETCH_TIMEOUT_S=2.0,
-                             MAX_REQUEST_BYTES=2_000_000)
+    with LoopbackServer() as label_studio:  # knows no project: pre-label jobs get its 404
+        settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                                 IMAGE_URL_ALLOWLIST="", FETCH_TIMEOUT_S=2.0,
+                                 MAX_REQUEST_BYTES=2_000_000, LABEL_STUDIO_URL=label_studio.base,
+                                 LABEL_STUDIO_API_KEY="fuzz-token")
+        run = fuzz(settings, tmp_path)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def fuzz(settings, tmp_path) -> subprocess.CompletedProcess[str]:
     with BackendThread(create_app(settings)) as server:
         server.wait_model()
         run = subprocess.run(
@@ -30,4 +38,4 @@ def test_no_input_makes_the_server_fail(tiny_configs, tmp_path):
              "--max-examples", "40", "--seed", "1", "--workers", "1",
              "--report", "junit", "--report-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    return run
