@@ -99,15 +99,32 @@ def test_rescoring_after_a_label_change_downloads_and_encodes_nothing(served, lo
     assert cost == {"fetched": 0, "encoded": 0} and top(same) == top(first)
 
 
-def test_an_image_replaced_behind_its_url_is_seen_only_after_the_ttl(settings, loopback):
+class Clock:
+    """The backend's clock, moved forward by the test instead of slept through."""
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.shift
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_an_image_replaced_behind_its_url_is_seen_only_after_the_ttl(settings, loopback,
+                                                                     monkeypatch):
+    clock = Clock()
+    for module in ("backend.model", "backend.store.sqlite", "backend.store.redis"):
+        monkeypatch.setattr(f"{module}.time", clock)
     urls = images(loopback, 2)
-    with serve(settings, loopback, IMAGE_REF_TTL_S=0.5) as served:
+    with serve(settings, loopback, IMAGE_REF_TTL_S=60) as served:
         first, cost = served.predict(urls)
         replaced = png((250, 250, 250))
         loopback.add("/0.png", Route(replaced, content_type="image/png"))
         stale, cost = served.predict(urls)  # within the TTL: the old image's embedding
         assert cost == {"fetched": 0, "encoded": 0} and top(stale) == top(first)
-        time.sleep(0.6)
+        clock.shift = 61.0
         fresh, cost = served.predict(urls)
         assert cost == {"fetched": 2, "encoded": 1}  # the unchanged one is only hashed
         assert top(fresh)[1] == top(first)[1]
