@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import metrics
 from .config import Settings
 from .errors import BackendError, ConfigError, LabelStudioError, Overloaded
-from .labelstudio import LabelStudioAccess, LabelStudioAPI
+from .labelstudio import LabelStudioAPI
 from .store import ZERO_SHOT
 from .store.jobs import JobLedger
 
@@ -137,14 +137,6 @@ class Prelabeler:
         self.owner = new_owner()
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
 
-    def api(self, project: str) -> LabelStudioAPI:
-        access = self.model.label_studio(project)
-        if access is None or not access.token:
-            raise ConfigError("pre-labeling reads tasks from and writes predictions to Label "
-                              "Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        return LabelStudioAPI(LabelStudioAccess(access.url, access.token),
-                              timeout_s=self.settings.LABEL_STUDIO_TIMEOUT_S)
-
     # --- starting and following ----------------------------------------------------------
     async def start(self, project: str, executor: Executor = "local") -> dict[str, Any]:
         """Begin (or resume) the project's job in the background; return its progress."""
@@ -182,7 +174,7 @@ class Prelabeler:
         return final
 
     async def prepare(self, project: str) -> JobSpec:
-        api = self.api(project)
+        api = label_studio_api(self.model, project)
         try:
             settings = await api.project(project)
         finally:
@@ -276,7 +268,7 @@ class Prelabeler:
             await asyncio.gather(*workers)
 
     async def _plan(self, spec: JobSpec, dispatch: Callable[[list[Task]], Awaitable[Any]]) -> None:
-        api = self.api(spec.project)
+        api = label_studio_api(self.model, spec.project)
         done = await _off(self.ledger.done, spec.id)
         seen = skipped = 0
         try:
@@ -369,7 +361,7 @@ async def _predict_and_store(model: ZeroShotModel, spec: JobSpec,
         else:
             failed[str(task["id"])] = str(result.get("error", "no prediction"))
     if rows:
-        api = _api_for(model, spec)
+        api = label_studio_api(model, spec.project)
         try:
             await api.import_predictions(spec.project, rows)
         except LabelStudioError as exc:
@@ -388,9 +380,9 @@ async def _predict(model: ZeroShotModel, spec: JobSpec, tasks: list[Task]) -> li
             await asyncio.sleep(OVERLOAD_RETRY_S)
 
 
-def _api_for(model: ZeroShotModel, spec: JobSpec) -> LabelStudioAPI:
-    access = model.label_studio(spec.project)
+def label_studio_api(model: ZeroShotModel, project: str) -> LabelStudioAPI:
+    access = model.label_studio(project)
     if access is None or not access.token:
-        raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: pre-label workers "
-                          "write predictions to Label Studio")
+        raise ConfigError("pre-labeling reads tasks from and writes predictions to Label "
+                          "Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
     return LabelStudioAPI(access, timeout_s=model.settings.LABEL_STUDIO_TIMEOUT_S)
