@@ -37,5 +37,6 @@ def fuzz(settings, tmp_path) -> subprocess.CompletedProcess[str]:
             [str(SCHEMATHESIS), "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
              "--max-examples", "40", "--seed", "1", "--workers", "1",
              "--report", "junit", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+            capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+            cwd=tmp_path)  # schemathesis keeps a cache in its working directory
     return run
