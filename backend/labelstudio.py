@@ -153,16 +153,19 @@ class LabelStudioAPI:
     async def import_predictions(self, project: str, predictions: list[dict[str, Any]]) -> int:
         """Store predictions in one call (one database transaction in Label Studio)."""
         body = await self._json("POST", f"/api/projects/{int(project)}/import/predictions",
-                                json=predictions, retry=False, call="import_predictions")
+                                json=predictions, call="import_predictions")
         return int(body.get("created", len(predictions)))
 
-    async def _json(self, method: str, path: str, *, call: str, retry: bool = True,
-                    **kwargs: Any) -> Any:
-        """One call; connection failures (nothing was sent) are retried twice when `retry`."""
+    async def _json(self, method: str, path: str, *, call: str, **kwargs: Any) -> Any:
+        """One call. Only failures to connect (nothing was sent, so nothing can have been
+        stored twice) are retried, twice; an expired access token is refreshed once."""
         url = self.access.absolute(path)
         for attempt in range(3):
             try:
                 headers = await self.access.auth_headers(self._client)
+            except FetchError as exc:  # the personal access token could not be exchanged
+                raise LabelStudioError(str(exc)) from None
+            try:
                 with metrics.LABEL_STUDIO_CALL_SECONDS.labels(call).time():
                     response = await self._client.request(method, url, headers=headers,
                                                           **kwargs)
