@@ -15,12 +15,10 @@ holds, so a slow worker can never free a task another worker has taken over sinc
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..errors import StoreUnavailable
 from . import Record, Store
 
 FAILURES_SHOWN = 100
@@ -67,9 +65,6 @@ def open_ledger(store: Store) -> JobLedger:
         return RedisLedger(store)
     if isinstance(store, SqliteStore):
         return SqliteLedger(store)
-    inner = getattr(store, "store", None)  # the journal wraps a store
-    if inner is not None:
-        return open_ledger(inner)
     raise TypeError(f"no job ledger for {type(store).__name__}")
 
 
@@ -194,12 +189,18 @@ class RedisLedger:
         self._call(self._store.client.delete, self.keys.job_failed(job))
 
     def failures(self, job: str, limit: int = FAILURES_SHOWN) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for task, why in self._store.client.hscan_iter(self.keys.job_failed(job), count=limit):
-            found[task.decode()] = why.decode()
-            if len(found) >= limit:
-                break
-        return found
+        def scan() -> dict[bytes, bytes]:
+            found: dict[bytes, bytes] = {}
+            cursor = 0
+            while True:
+                cursor, page = self._store.client.hscan(self.keys.job_failed(job), cursor,
+                                                        count=limit)
+                found.update(page)  # type: ignore[arg-type]  # redis-py's loose annotation
+                if not cursor or len(found) >= limit:
+                    return found
+
+        return {task.decode(): why.decode()
+                for task, why in list(self._call(scan).items())[:limit]}
 
     def claim(self, job: str, tasks: Sequence[str], owner: str, ttl_s: float) -> list[str]:
         if not tasks:
@@ -239,37 +240,22 @@ class SqliteLedger:
 
         assert isinstance(store, SqliteStore)
         self._store = store
-        with store.lock:
-            store.db.executescript(SQLITE_SCHEMA)
+        store.add_schema(SQLITE_SCHEMA)
 
     def _transaction(self, statements: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-        with self._store.lock:
-            db = self._store.db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for sql, args in statements:
-                    db.execute(sql, args)
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
-                raise StoreUnavailable(f"embedded store {self._store.path}: {exc}") from None
+        with self._store.transaction() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return self._store._read(sql, args)
 
     def update(self, job: str, project: str, fields: Record) -> None:
-        with self._store.lock:
-            db = self._store.db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                row = db.execute("SELECT fields FROM jobs WHERE id = ?", (job,)).fetchone()
-                merged = {**(json.loads(row[0]) if row else {}), **fields}
-                db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
-                           (job, project, json.dumps(merged)))
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
-                raise StoreUnavailable(f"embedded store {self._store.path}: {exc}") from None
+        with self._store.transaction() as db:
+            row = db.execute("SELECT fields FROM jobs WHERE id = ?", (job,)).fetchone()
+            merged = {**(json.loads(row[0]) if row else {}), **fields}
+            db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
+                       (job, project, json.dumps(merged)))
 
     def get(self, job: str) -> Record | None:
         rows = self._read("SELECT fields FROM jobs WHERE id = ?", (job,))
@@ -312,25 +298,18 @@ class SqliteLedger:
     def claim(self, job: str, tasks: Sequence[str], owner: str, ttl_s: float) -> list[str]:
         now = time.time()
         claimed: list[str] = []
-        with self._store.lock:
-            db = self._store.db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for task in tasks:
-                    if db.execute("SELECT 1 FROM job_tasks WHERE job = ? AND task = ? AND done = 1",
-                                  (job, task)).fetchone():
-                        continue
-                    held = db.execute("SELECT owner, deadline FROM job_claims WHERE job = ? AND "
-                                      "task = ?", (job, task)).fetchone()
-                    if held and held[0] != owner and held[1] >= now:
-                        continue
-                    db.execute("INSERT OR REPLACE INTO job_claims VALUES (?, ?, ?, ?)",
-                               (job, task, owner, now + ttl_s))
-                    claimed.append(task)
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
-                raise StoreUnavailable(f"embedded store {self._store.path}: {exc}") from None
+        with self._store.transaction() as db:
+            for task in tasks:
+                if db.execute("SELECT 1 FROM job_tasks WHERE job = ? AND task = ? AND done = 1",
+                              (job, task)).fetchone():
+                    continue
+                held = db.execute("SELECT owner, deadline FROM job_claims WHERE job = ? AND "
+                                  "task = ?", (job, task)).fetchone()
+                if held and held[0] != owner and held[1] >= now:
+                    continue
+                db.execute("INSERT OR REPLACE INTO job_claims VALUES (?, ?, ?, ?)",
+                           (job, task, owner, now + ttl_s))
+                claimed.append(task)
         return claimed
 
     def holders(self, job: str, tasks: Sequence[str]) -> dict[str, str]:

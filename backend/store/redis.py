@@ -147,8 +147,9 @@ class RedisStore(BaseStore):
     def predictions(self, project: str) -> Iterator[Record]:
         tasks = sorted(t.decode() for t in self._call(self._redis.smembers,
                                                        self.keys.predicted_tasks(project)))
-        for start in range(0, len(tasks), 500):
-            keys = [self.keys.prediction(project, task) for task in tasks[start:start + 500]]
+        for start in range(0, len(tasks), BULK_READ):
+            keys = [self.keys.prediction(project, task)
+                    for task in tasks[start:start + BULK_READ]]
             for raw in self._call(self._redis.mget, keys):
                 if raw:
                     yield json.loads(raw)

@@ -14,6 +14,7 @@ WAL journal with `synchronous=FULL`: a write acknowledged to Label Studio surviv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -59,28 +60,39 @@ class SqliteStore(BaseStore):
             raise StoreUnavailable(f"cannot open the embedded store {path}: {exc}; check that "
                                    "MODEL_DIR is writable") from None
 
-    @property
-    def db(self) -> sqlite3.Connection:
-        return self._db
-
-    @property
-    def lock(self) -> threading.Lock:
-        return self._lock
-
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> int:
-        """Run statements in one transaction; return the first statement's rowcount."""
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the shared connection: committed at the end, rolled back
+        on any error; SQLite's errors come out as StoreUnavailable."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                first = self._db.execute(*statements[0]).rowcount
-                if first:
-                    for statement in statements[1:]:
-                        self._db.execute(*statement)
+                yield self._db
                 self._db.execute("COMMIT")
-                return first
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+                raise
+
+    def add_schema(self, script: str) -> None:
+        """Create tables another part of the store keeps in this file (the job ledger)."""
+        with self._lock:
+            try:
+                self._db.executescript(script)
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
                 raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> int:
+        """Run statements in one transaction; return the first statement's rowcount (the
+        others run only if it changed a row)."""
+        with self.transaction() as db:
+            first = db.execute(*statements[0]).rowcount
+            if first:
+                for statement in statements[1:]:
+                    db.execute(*statement)
+        return first
 
     def _put_prediction(self, entry: Entry) -> bool:
         record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
@@ -149,19 +161,13 @@ class SqliteStore(BaseStore):
         return json.loads(str(rows[0][0])) if rows else None
 
     def put_head(self, project: str, record: Record) -> str:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM heads "
-                                           "WHERE project = ?", (project,)).fetchone()
-                head = f"h{last + 1}"
-                self._db.execute("INSERT INTO heads VALUES (?, ?, ?)", (
-                    project, last + 1, json.dumps({**record, "id": head}, ensure_ascii=False)))
-                self._db.execute("COMMIT")
-                return head
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+        with self.transaction() as db:
+            (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM heads WHERE project = ?",
+                                 (project,)).fetchone()
+            head = f"h{last + 1}"
+            db.execute("INSERT INTO heads VALUES (?, ?, ?)", (
+                project, last + 1, json.dumps({**record, "id": head}, ensure_ascii=False)))
+        return head
 
     def heads(self, project: str) -> list[Record]:
         rows = self._read("SELECT record FROM heads WHERE project = ? ORDER BY seq", (project,))
