@@ -193,12 +193,15 @@ class Prelabeler:
         if record is None:
             raise JobNotFound(f"no pre-label job {job!r}; list a project's jobs with "
                               "GET /prelabel?project=ID")
+        return {**self._state(record), "failures": self.ledger.failures(job)}
+
+    def _state(self, record: dict[str, Any]) -> dict[str, Any]:
         state = progress(record)
         if state["status"] == "running" and self._orphaned(record):
             state["status"] = "interrupted"
             state["error"] = ("the process running this job stopped; start the job again "
                               "(POST /prelabel or python -m backend prelabel) to finish it")
-        return {**state, "failures": self.ledger.failures(job)}
+        return state
 
     def _orphaned(self, record: dict[str, Any]) -> bool:
         """Planning, or working locally, with no live process holding the job."""
@@ -208,7 +211,7 @@ class Prelabeler:
         return holder is None or _dead(holder)
 
     def jobs(self, project: str) -> list[dict[str, Any]]:
-        return [progress(record) for record in self.ledger.jobs(project)]
+        return [self._state(record) for record in self.ledger.jobs(project)]
 
     def cancel(self, job: str) -> dict[str, Any]:
         """Stop planning and working the job; items in flight finish, queued ones are dropped."""

@@ -81,3 +81,4 @@ def test_a_job_whose_process_died_reports_interrupted_with_how_to_resume(tiny_se
     assert "start the job again" in jobs.status("1-a")["error"]
     assert jobs.status("1-b")["status"] == "running"
     assert jobs.status("1-c")["status"] == "interrupted"
+    assert [job["status"] for job in jobs.jobs("1")] == ["interrupted", "running", "interrupted"]
