@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
 import time
@@ -69,8 +68,6 @@ LOAD_WAIT_S = 90.0
 
 Task = dict[str, Any]
 State = Literal["loading", "ready", "failed"]
-_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("priority", default=FOREGROUND)
-"""The inference priority of the work in progress: background jobs yield to Label Studio."""
 
 
 @dataclass
@@ -304,10 +301,10 @@ class ZeroShotModel:
                       background: bool = False) -> list[dict[str, Any]]:
         """One Label Studio prediction per task, in order. A failing task gets an empty one.
         `background` work (pre-label jobs) waits for Label Studio's requests at every step."""
-        _PRIORITY.set(BACKGROUND if background else FOREGROUND)  # this task and its children
+        priority = BACKGROUND if background else FOREGROUND
         with self._admitted(len(tasks)):
             ctx = await self.context(label_config, project, head)
-            embeddings = await self._embed_tasks(tasks, ctx)
+            embeddings = await self._embed_tasks(tasks, ctx, priority)
             unsure: list[dict[str, dict[str, float]]] = [{} for _ in tasks]
             results = [self._predict_task(task, embeddings, ctx, unsure[i])
                        for i, task in enumerate(tasks)]
@@ -329,12 +326,12 @@ class ZeroShotModel:
         finally:
             self.pending_tasks -= count
 
-    async def _embed_tasks(self, tasks: Sequence[Task],
-                           ctx: ProjectContext) -> dict[str, Embedded | BaseException]:
+    async def _embed_tasks(self, tasks: Sequence[Task], ctx: ProjectContext,
+                           priority: int = FOREGROUND) -> dict[str, Embedded | BaseException]:
         """Embedding (or the error) of every distinct image reference the tasks use."""
         refs = _distinct_refs(tasks, ctx.parsed.spaces)
         known = await self._known_embeddings(list(refs))
-        jobs = {ref: asyncio.ensure_future(self._embed(ref, task_id, ctx.ls))
+        jobs = {ref: asyncio.ensure_future(self._embed(ref, task_id, ctx.ls, priority))
                 for ref, task_id in refs.items() if ref not in known}
         done = await asyncio.gather(*jobs.values(), return_exceptions=True)
         return {**known, **dict(zip(jobs, done))}
@@ -352,9 +349,10 @@ class ZeroShotModel:
         return {ref: Embedded(torch.from_numpy(vector), key)
                 for ref, (key, vector) in found.items()}
 
-    async def _embed(self, ref: str, task_id: int | None,
-                     ls: LabelStudioAccess | None) -> Embedded:
-        """Fetch the image; reuse its cached embedding (same bytes, same model) or encode it."""
+    async def _embed(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None,
+                     priority: int = FOREGROUND) -> Embedded:
+        """Fetch the image; reuse its cached embedding (same bytes, same model) or encode it
+        (`BACKGROUND` work waits behind Label Studio's requests for decode slots and encoder)."""
         encoder = self.encoder
         assert encoder is not None
         fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
@@ -365,7 +363,6 @@ class ZeroShotModel:
             return Embedded(torch.from_numpy(cached), key)
         metrics.EMBEDDING_CACHE.labels("miss").inc()
         loop = asyncio.get_running_loop()
-        priority = _PRIORITY.get()
         async with self._decoded_background if priority == BACKGROUND else self._decoded:
             pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
             row = await self.worker.encode(encoder.encode_images, pixels, priority)
