@@ -23,7 +23,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
@@ -87,7 +87,7 @@ class ActivateRequest(BaseModel):
 
 class PrelabelRequest(BaseModel):
     project: int = Field(..., ge=1, description="Label Studio project id", examples=[3])
-    executor: Literal["local", "rq"] | None = Field(
+    executor: Executor | None = Field(
         None, description="local: this process; rq: RQ workers (default: PRELABEL_EXECUTOR)")
 
 
