@@ -13,7 +13,10 @@ but downloads are concurrent, bounded, size-capped and time-limited:
 | `http(s)://` on the Label Studio origin   | Label Studio, with its token                      |
 | any other `http(s)://`                    | directly, never with the token                    |
 
-Redirects are followed by hand so the token never leaves the Label Studio origin.
+Redirects are followed by hand. The token (and the trust a Label Studio host named in /setup
+gets) goes only to the project's Label Studio origin, and only while every hop so far was on
+it: a redirect off Label Studio drops it for good, and a foreign URL that redirects into
+Label Studio never gets it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import posixpath
+import re
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote_to_bytes, urljoin, urlsplit
+from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
@@ -56,22 +61,29 @@ class ImageFetcher:
         self._limit = asyncio.Semaphore(settings.FETCH_CONCURRENCY)
         ls_hosts = [origin(settings.LABEL_STUDIO_URL)[1]] if settings.LABEL_STUDIO_URL else []
         self.policy = AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, ls_hosts)
+        self.ls_policy = self.policy.for_label_studio()
+        """For requests to a project's own Label Studio origin, and nothing else."""
         limits = httpx.Limits(max_connections=settings.FETCH_CONCURRENCY * 2,
                               max_keepalive_connections=settings.FETCH_CONCURRENCY)
-        self._client = httpx.AsyncClient(
+        self._client = self._new_client(settings,
+                                        transport or GuardedTransport(self.policy, limits))
+        # Its own connection pool: a connection opened under Label Studio trust is never
+        # reused for a URL that is not some project's Label Studio origin.
+        self._ls_client = self._new_client(settings, GuardedTransport(self.ls_policy, limits))
+
+    @staticmethod
+    def _new_client(settings: Settings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(settings.FETCH_TIMEOUT_S, connect=settings.CONNECT_TIMEOUT_S),
             follow_redirects=False,
             trust_env=False,  # no proxies from the environment, no ~/.netrc credentials
             headers={"User-Agent": USER_AGENT},
-            transport=transport or GuardedTransport(self.policy, limits),
+            transport=transport,
         )
-
-    def trust_setup_host(self, url: str) -> None:
-        """Allow the Label Studio host a /setup request named (not for metadata addresses)."""
-        self.policy.setup_hosts.add(origin(url)[1])
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._ls_client.aclose()
 
     async def fetch(self, ref: str, *, task_id: int | None = None,
                     ls: LabelStudioAccess | None = None) -> Fetched:
@@ -93,6 +105,8 @@ class ImageFetcher:
     async def _fetch(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None) -> Fetched:
         scheme = urlsplit(ref).scheme.lower()
         if scheme in ("http", "https"):
+            if ls is not None and ls.owns(ref):
+                _check_local_files(ref)
             return await self._download(ref, ls)
         if scheme in CLOUD_SCHEMES:
             return await self._download(_presign_url(ref, task_id, _need_ls(ls, ref)), ls)
@@ -123,14 +137,10 @@ class ImageFetcher:
 
     def _local_file(self, ref: str) -> Path | None:
         """The local copy of a /data/local-files/ reference, confined to the document root."""
-        parts = urlsplit(ref)
-        if parts.path.rstrip("/") != "/data/local-files":
+        paths = _check_local_files(ref)
+        if paths is None or self.local_root is None:
             return None
-        if ".." in Path(parse_qs(parts.query).get("d", [""])[0]).parts:
-            raise ImageRefused("a local-files path must not contain '..'")
-        if self.local_root is None:
-            return None
-        rel = parse_qs(parts.query).get("d", [""])[0]
+        rel = paths[-1] if paths else ""  # Label Studio (Django) reads the last d=
         root = self.local_root.resolve()
         path = (root / rel).resolve()
         if not rel or not path.is_relative_to(root):
@@ -145,6 +155,8 @@ class ImageFetcher:
 
     async def _download(self, url: str, ls: LabelStudioAccess | None) -> Fetched:
         for _ in range(MAX_REDIRECTS + 1):
+            if ls is not None and not ls.owns(url):
+                ls = None  # off Label Studio: no token and no trust for this hop or any after it
             response = await self._get(url, ls)
             if not response.is_redirect:
                 return await self._read_body(response, url)
@@ -153,20 +165,24 @@ class ImageFetcher:
         raise FetchError(f"more than {MAX_REDIRECTS} redirects fetching {_safe(url)}")
 
     async def _get(self, url: str, ls: LabelStudioAccess | None) -> httpx.Response:
-        """GET with the Label Studio token only if `url` is on the Label Studio origin."""
+        """GET with the Label Studio token (and trust) only if `url` is on the Label Studio
+        origin; `_download` passes `ls=None` once a redirect chain has left it."""
         if ls is None or not ls.owns(url):
-            return await self._send(url, {})
-        response = await self._send(url, await ls.auth_headers(self._client))
+            return await self._send(self._client, url, {})
+        client = self._ls_client
+        response = await self._send(client, url, await ls.auth_headers(client))
         if response.status_code == 401 and ls.token and is_personal_access_token(ls.token):
             await response.aclose()  # the access token expired early: refresh once
             ls.forget_access_token()
-            response = await self._send(url, await ls.auth_headers(self._client))
+            response = await self._send(client, url, await ls.auth_headers(client))
         return response
 
-    async def _send(self, url: str, headers: dict[str, str]) -> httpx.Response:
+    @staticmethod
+    async def _send(client: httpx.AsyncClient, url: str,
+                    headers: dict[str, str]) -> httpx.Response:
         try:
-            request = self._client.build_request("GET", url, headers=headers)
-            return await self._client.send(request, stream=True)
+            request = client.build_request("GET", url, headers=headers)
+            return await client.send(request, stream=True)
         except httpx.TimeoutException:
             raise FetchError(f"timed out connecting to or reading {_safe(url)}") from None
         except httpx.HTTPError as exc:
@@ -203,6 +219,20 @@ def _check_status(response: httpx.Response, url: str) -> None:
         hint = (" — Label Studio needs a valid token: set LABEL_STUDIO_API_KEY (legacy tokens "
                 "may be disabled in your organization; personal access tokens work)")
     raise FetchError(f"HTTP {status} {response.reason_phrase} from {_safe(url)}{hint}")
+
+
+def _check_local_files(ref: str) -> list[str] | None:
+    """The `d=` paths if `ref` names Label Studio's local-files endpoint, however spelled
+    (`/data/local-files/./`, `//data/local-files/`, percent-encoded: Label Studio routes them
+    all there), else None. Refuses a path with `..` in any of them."""
+    parts = urlsplit(ref if urlsplit(ref).scheme else "http://label-studio/" + ref.lstrip("/"))
+    path = posixpath.normpath(re.sub("/+", "/", "/" + unquote(parts.path)))
+    if path != "/data/local-files":
+        return None
+    paths = parse_qs(parts.query, keep_blank_values=True).get("d", [])
+    if any(".." in PurePosixPath(rel.replace("\\", "/")).parts for rel in paths):
+        raise ImageRefused("a local-files path must not contain '..'")
+    return paths
 
 
 def _need_ls(ls: LabelStudioAccess | None, ref: str) -> LabelStudioAccess:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import metrics
-from .errors import FetchError, LabelStudioError
+from .errors import FetchError, ImageRefused, LabelStudioError
 
 Task = dict[str, Any]
 
@@ -163,7 +163,7 @@ class LabelStudioAPI:
         for attempt in range(3):
             try:
                 headers = await self.access.auth_headers(self._client)
-            except FetchError as exc:  # the personal access token could not be exchanged
+            except (FetchError, ImageRefused) as exc:  # the PAT could not be exchanged
                 raise LabelStudioError(str(exc)) from None
             try:
                 with metrics.LABEL_STUDIO_CALL_SECONDS.labels(call).time():
@@ -178,6 +178,8 @@ class LabelStudioAPI:
             except httpx.HTTPError as exc:
                 raise LabelStudioError(f"{method} {path} to Label Studio failed "
                                        f"({type(exc).__name__}: {exc})") from None
+            except ImageRefused as exc:  # the address guard: not a place to send the token
+                raise LabelStudioError(f"{method} {path} to Label Studio refused: {exc}") from None
             if (response.status_code == 401 and attempt == 0 and self.access.token
                     and is_personal_access_token(self.access.token)):  # expired early: refresh
                 self.access.forget_access_token()

@@ -120,12 +120,14 @@ class ZeroShotModel:
         self._heads: OrderedDict[str, Head] = OrderedDict()
         self._building: dict[str, asyncio.Future[Head]] = {}
         self._projects: dict[str, LabelStudioAccess] = {}
+        """Per project, the Label Studio host and token its last /setup named: used only for
+        that project, and the token only ever goes to that host."""
         self._configs: OrderedDict[str, str] = OrderedDict()  # project → its last label config
         self._versions: OrderedDict[str, None] = OrderedDict()
         self.store = store or open_store(settings)
         self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
         self.registry = HeadRegistry(self.store, self.embedding_model)
-        self.version_sync = VersionSync(self.fetcher.policy)
+        self.version_sync = VersionSync(self.fetcher.ls_policy)
         self.trainer = Trainer(self.store, self.registry, self._zero_shot_heads,
                                settings.ADAPT_EVERY)
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
@@ -243,23 +245,33 @@ class ZeroShotModel:
             return self.registry.last_known(project)
 
     def remember_project(self, project: Any, hostname: str | None, token: str | None) -> None:
+        """Keep the host and token a /setup named, as this project's trust record: its
+        token is only ever sent to its own origin, and nothing in it reaches other projects."""
         key = project_key(project)
-        if key is None or not (hostname or token):
+        if key is None or not hostname or not hostname.startswith(("http://", "https://")):
             return
-        url = self.settings.LABEL_STUDIO_URL or hostname
-        if url and url.startswith(("http://", "https://")):
-            token = self.settings.LABEL_STUDIO_API_KEY or token
-            self._projects[key] = LabelStudioAccess(url, token)
-            if not self.settings.LABEL_STUDIO_URL:
-                self.fetcher.trust_setup_host(url)
+        record = LabelStudioAccess(hostname, token or None)
+        previous = self._projects.get(key)
+        self._projects[key] = record
+        configured = self.settings.LABEL_STUDIO_URL
+        if (configured and not self.settings.LABEL_STUDIO_API_KEY and record.token
+                and not record.owns(configured)
+                and (previous is None or previous.url != record.url)):
+            log.warning("project %s: /setup names Label Studio at %s, not LABEL_STUDIO_URL=%s, "
+                        "so its token is not sent to LABEL_STUDIO_URL; set LABEL_STUDIO_API_KEY",
+                        key, record.url, configured)
 
     def label_studio(self, project: Any = None) -> LabelStudioAccess | None:
-        """Settings first (they know the URL as this backend sees it), then what /setup said."""
+        """Settings first (they know the URL as this backend sees it), then what /setup said.
+        The configured key goes only to LABEL_STUDIO_URL; a /setup token only to its own
+        origin (to LABEL_STUDIO_URL, then, only when they are the same)."""
         remembered = self._projects.get(project_key(project) or "")
-        if self.settings.LABEL_STUDIO_URL:
-            token = self.settings.LABEL_STUDIO_API_KEY or (remembered.token if remembered else None)
-            return LabelStudioAccess(self.settings.LABEL_STUDIO_URL, token)
-        return remembered
+        url, token = self.settings.LABEL_STUDIO_URL, self.settings.LABEL_STUDIO_API_KEY
+        if not url:
+            return remembered
+        if token is None and remembered is not None and remembered.owns(url):
+            token = remembered.token
+        return LabelStudioAccess(url, token)
 
     async def warm_up(self, label_config: str) -> None:
         """Encode a config's prompts ahead of the first /predict (called after /setup)."""

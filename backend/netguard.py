@@ -7,8 +7,10 @@ on the address actually connected to, for every redirect hop — so a public nam
 (or later re-resolves) to 127.0.0.1 is refused too.
 
 Allowed anyway: the Label Studio host, and what IMAGE_URL_ALLOWLIST names (hostnames, IPs or
-CIDR ranges, e.g. `minio.internal,10.20.0.0/16`). Cloud metadata addresses are never allowed
-for a Label Studio host that came from a /setup request rather than from the settings.
+CIDR ranges, e.g. `minio.internal,10.20.0.0/16`). A Label Studio named only by a /setup request
+is trusted for that project's requests to its own origin (scheme, host, port) and nothing else:
+the fetcher sends those through a separate client whose policy (`for_label_studio`) admits
+private addresses but never cloud metadata or link-local ones.
 """
 
 from __future__ import annotations
@@ -29,11 +31,24 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 METADATA = frozenset(map(ipaddress.ip_address, (
-    "169.254.169.254",   # AWS, GCP, Azure, OpenStack, DigitalOcean…
-    "169.254.170.2",     # AWS ECS task metadata
+    "169.254.169.254",   # AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle, Hetzner…
     "fd00:ec2::254",     # AWS, over IPv6
+    "169.254.170.2",     # AWS ECS task metadata and credentials
+    "169.254.170.23",    # AWS EKS Pod Identity agent (credentials)
+    "fd00:ec2::23",      # AWS EKS Pod Identity agent, over IPv6
+    "fd20:ce::254",      # Google Cloud, over IPv6
+    "168.63.129.16",     # Azure WireServer (a public-looking address)
     "100.100.100.200",   # Alibaba Cloud
+    "169.254.0.23",      # Tencent Cloud
+    "169.254.42.42",     # Scaleway
+    "fd00:42::42",       # Scaleway, over IPv6
+    "fd00:a9fe:a9fe::1",  # Akamai (Linode), over IPv6
+    "192.0.0.192",       # Oracle Cloud (legacy)
 )))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+"""IPv6 addresses that a NAT64 gateway translates to the IPv4 address in their last 32 bits."""
+NEVER_FOR_LABEL_STUDIO = frozenset({"a cloud metadata address", "link-local"})
+"""Refusals that even a Label Studio host named in /setup does not lift."""
 
 
 def refusal(address: Address) -> str | None:
@@ -42,6 +57,8 @@ def refusal(address: Address) -> str | None:
     A pure function on a literal address: tests check it without connecting anywhere."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    elif address in NAT64:
+        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if address in METADATA:
         return "a cloud metadata address"
     for attribute, reason in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
@@ -58,8 +75,9 @@ class AddressPolicy:
 
     hosts: set[str] = field(default_factory=set)
     networks: tuple[Network, ...] = ()
-    setup_hosts: set[str] = field(default_factory=set)
-    """Hosts Label Studio named in /setup: trusted like `hosts`, but never for metadata."""
+    label_studio: bool = False
+    """A policy for requests to a project's own Label Studio origin only (the caller checks the
+    origin): private addresses pass too, cloud metadata and link-local ones never do."""
 
     @classmethod
     def parse(cls, allowlist: str, hosts: Iterable[str] = ()) -> AddressPolicy:
@@ -80,12 +98,21 @@ class AddressPolicy:
             return
         if any(address in network for network in self.networks):
             return
-        if host.lower() in self.setup_hosts and reason != "a cloud metadata address":
+        if self.label_studio and reason not in NEVER_FOR_LABEL_STUDIO:
             return
+        if self.label_studio:
+            raise ImageRefused(
+                f"{host} resolves to {address}, {reason}: refused even as a Label Studio host "
+                "(if Label Studio really runs there, set LABEL_STUDIO_URL to it)"
+            )
         raise ImageRefused(
             f"{host} resolves to {address}, {reason}: refused (task URLs may only reach public "
             "addresses and the Label Studio host; to allow it, add it to IMAGE_URL_ALLOWLIST)"
         )
+
+    def for_label_studio(self) -> AddressPolicy:
+        """This policy for requests to a project's Label Studio origin (see `label_studio`)."""
+        return AddressPolicy(set(self.hosts), self.networks, label_studio=True)
 
 
 class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):

@@ -26,10 +26,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import httpx
+
 from . import metrics
 from .config import Settings
 from .errors import BackendError, ConfigError, LabelStudioError, Overloaded
 from .labelstudio import LabelStudioAPI
+from .netguard import GuardedTransport
 from .store import ZERO_SHOT
 from .store.jobs import JobLedger
 
@@ -388,4 +391,7 @@ def label_studio_api(model: ZeroShotModel, project: str) -> LabelStudioAPI:
     if access is None or not access.token:
         raise ConfigError("pre-labeling reads tasks from and writes predictions to Label "
                           "Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    return LabelStudioAPI(access, timeout_s=model.settings.LABEL_STUDIO_TIMEOUT_S)
+    # the address guard too: a host named in /setup must not lead to cloud metadata
+    transport = GuardedTransport(model.fetcher.ls_policy, httpx.Limits(max_connections=8))
+    return LabelStudioAPI(access, timeout_s=model.settings.LABEL_STUDIO_TIMEOUT_S,
+                          transport=transport)

@@ -19,7 +19,7 @@ import logging
 
 import httpx
 
-from .errors import FetchError
+from .errors import FetchError, ImageRefused
 from .labelstudio import LabelStudioAccess
 from .netguard import AddressPolicy, GuardedTransport
 
@@ -66,7 +66,7 @@ class VersionSync:
                     break  # done, refused for good, or a newer version took over
                 await asyncio.sleep(pause)
                 response = await self._send(url, version, ls)
-        except (httpx.HTTPError, FetchError) as exc:
+        except (httpx.HTTPError, FetchError, ImageRefused) as exc:
             log.warning("project %s: could not set model_version in Label Studio (%s); the "
                         "prediction score column stays empty until it is", project, exc)
             self._synced.pop(project, None)

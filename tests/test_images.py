@@ -179,3 +179,54 @@ def test_downloads_are_concurrent_but_bounded(loopback: LoopbackServer):
 
     asyncio.run(run())
     assert peak[0] == 3
+
+
+def test_a_foreign_url_redirecting_into_label_studio_gets_no_token(loopback: LoopbackServer):
+    """The confused deputy: a task URL elsewhere answers with a redirect to a Label Studio
+    path; following it must not make an authenticated request there."""
+    loopback.add("/api/projects/", Route(b"secret", require_header=("Authorization", f"Token {LEGACY}")))
+    with LoopbackServer() as attacker:
+        lure = attacker.add("/cat.png", Route(status=302, headers={"Location": loopback.url("/api/projects/")}))
+        with pytest.raises(FetchError, match="HTTP 401"):
+            fetch(lure, ls=LabelStudioAccess(loopback.base, LEGACY))
+    assert [r.path for r in loopback.requests] == ["/api/projects/"]
+    assert "Authorization" not in loopback.requests[0].headers
+
+
+def test_the_token_does_not_come_back_after_a_redirect_chain_left_label_studio(loopback: LoopbackServer):
+    loopback.add("/api/projects/", Route(b"secret", require_header=("Authorization", f"Token {LEGACY}")))
+    with LoopbackServer() as elsewhere:
+        back = elsewhere.add("/bounce", Route(status=302, headers={"Location": loopback.url("/api/projects/")}))
+        loopback.add("/data/upload/1/x.png", Route(status=302, headers={"Location": back}))
+        with pytest.raises(FetchError, match="HTTP 401"):
+            fetch("/data/upload/1/x.png", ls=LabelStudioAccess(loopback.base, LEGACY))
+    first, back_in = loopback.requests
+    assert first.headers["Authorization"] == f"Token {LEGACY}"  # the image path itself: yes
+    assert "Authorization" not in elsewhere.requests[0].headers
+    assert back_in.path == "/api/projects/" and "Authorization" not in back_in.headers
+
+
+@pytest.mark.parametrize("ref", [
+    "/data/local-files/./?d=../x.png",
+    "//data/local-files/?d=../x.png",
+    "/data//local-files/?d=../x.png",
+    "/data/local-files/%2e/?d=../x.png",
+    "/data/%6cocal-files/?d=../x.png",
+    "/data/upload/../local-files/?d=../x.png",
+    "/data/local-files/?d=ok.png&d=../x.png",  # Label Studio reads the last one
+    "/data/local-files/?d=sub%2F..%2F..%2Fx.png",
+    "{ls}/data/local-files/./?d=../x.png",  # an absolute URL on the Label Studio origin
+])
+def test_local_files_paths_are_normalised_before_the_dotdot_check(loopback: LoopbackServer, ref: str):
+    loopback.add("/data/local-files/", Route(PNG))
+    with pytest.raises(ImageRefused, match="must not contain '..'"):
+        fetch(ref.format(ls=loopback.base), ls=LabelStudioAccess(loopback.base, LEGACY))
+    assert loopback.requests == []  # Label Studio was never asked, with or without the token
+
+
+def test_local_files_spelled_differently_are_still_read_from_the_document_root(loopback: LoopbackServer,
+                                                                               tmp_path: Path):
+    (tmp_path / "a.png").write_bytes(PNG)
+    for ref in ("/data/local-files/./?d=a.png", "//data/local-files/?d=a.png"):
+        assert fetch(ref, ls=LabelStudioAccess(loopback.base, LEGACY), LOCAL_FILES_DOCUMENT_ROOT=tmp_path) == PNG
+    assert loopback.requests == []

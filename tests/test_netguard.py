@@ -29,6 +29,12 @@ from .support.http_server import LoopbackServer, Route
     ("100.64.0.1", "not publicly routable"),           # carrier-grade NAT
     ("240.0.0.1", "private"), ("198.18.0.1", "private"), ("192.0.2.1", "private"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.1.2.3", "private"),  # IPv4-mapped IPv6
+    ("169.254.170.23", "a cloud metadata address"),    # EKS Pod Identity agent
+    ("fd00:ec2::23", "a cloud metadata address"), ("fd20:ce::254", "a cloud metadata address"),
+    ("168.63.129.16", "a cloud metadata address"),     # Azure WireServer: a public address
+    ("169.254.0.23", "a cloud metadata address"), ("169.254.42.42", "a cloud metadata address"),
+    ("64:ff9b::a9fe:a9fe", "a cloud metadata address"),  # NAT64 of 169.254.169.254
+    ("::ffff:169.254.170.23", "a cloud metadata address"),
 ])
 def test_non_public_addresses_are_refused_with_a_reason(address, reason):
     assert refusal(ipaddress.ip_address(address)) == reason
@@ -50,12 +56,14 @@ def test_allow_list_by_host_by_address_and_by_range():
             policy.check(host, ipaddress.ip_address(address))
 
 
-def test_a_host_named_in_setup_never_reaches_metadata():
-    policy = AddressPolicy.parse("")
-    policy.setup_hosts.add("ls")
+@pytest.mark.parametrize("address", ["169.254.169.254", "169.254.170.23", "fd00:ec2::254",
+                                     "fd00:ec2::23", "169.254.10.10", "fe80::1"])
+def test_a_host_named_in_setup_never_reaches_metadata(address):
+    policy = AddressPolicy.parse("").for_label_studio()
     policy.check("ls", ipaddress.ip_address("10.0.0.5"))
-    with pytest.raises(ImageRefused, match="cloud metadata"):
-        policy.check("ls", ipaddress.ip_address("169.254.169.254"))
+    policy.check("ls", ipaddress.ip_address("127.0.0.1"))
+    with pytest.raises(ImageRefused, match="refused even as a Label Studio host"):
+        policy.check("ls", ipaddress.ip_address(address))
 
 
 def fetch(ref: str, allow: str, ls: LabelStudioAccess | None = None) -> bytes:

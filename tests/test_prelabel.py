@@ -82,3 +82,27 @@ def test_a_job_whose_process_died_reports_interrupted_with_how_to_resume(tiny_se
     assert jobs.status("1-b")["status"] == "running"
     assert jobs.status("1-c")["status"] == "interrupted"
     assert [job["status"] for job in jobs.jobs("1")] == ["interrupted", "running", "interrupted"]
+
+
+@pytest.mark.parametrize("hostname", ["http://169.254.170.23", "http://[fd00:ec2::254]",
+                                      "http://169.254.169.254:80"])
+def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backend, hostname):
+    import asyncio
+
+    from backend.errors import LabelStudioError
+    from backend.prelabel import label_studio_api
+
+    config = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
+              '<Choice value="a"/><Choice value="b"/></Choices></View>')
+    setup = {"project": "3.1", "schema": config, "hostname": hostname, "access_token": "t0ken1"}
+    assert httpx.post(backend.url + "/setup", json=setup, timeout=30).status_code == 200
+    api = label_studio_api(backend.app.state.model, "3")
+
+    async def read_project() -> None:
+        try:
+            await api.project("3")
+        finally:
+            await api.aclose()
+
+    with pytest.raises(LabelStudioError, match="cloud metadata address: refused even as a Label"):
+        asyncio.run(read_project())

@@ -239,3 +239,55 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_configs, c
             assert "HTTP 401" in reason and "LABEL_STUDIO_API_KEY" in reason
         assert label_studio.requests[0].headers["Authorization"] == f"Token {token}"
     assert token not in reason and token not in caplog.text
+
+
+def predict_one(server, project: str, image: str) -> dict:
+    body = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": CONFIG, "project": project}
+    return post(server, "/predict", body).json()["results"][0]
+
+
+def test_a_setup_host_is_trusted_for_its_own_project_and_origin_only(tiny_configs, tmp_path):
+    """No LABEL_STUDIO_URL: each project reaches the Label Studio its /setup named, with that
+    /setup's token. Another project's /setup host, and other ports of the host, stay refused."""
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             MODEL_DIR=tmp_path / "model-dir", IMAGE_URL_ALLOWLIST="",
+                             SYNC_MODEL_VERSION=False)
+    with (LoopbackServer("127.0.0.4") as label_studio, LoopbackServer("127.0.0.4") as same_host,
+          LoopbackServer("127.0.0.3") as attacker, BackendThread(create_app(settings)) as server):
+        server.wait_model()
+        label_studio.add("/data/upload/1/a.jpg", Route(jpeg(), require_header=("Authorization", "Token t1")))
+        same_host.add("/a.jpg", Route(jpeg()))
+        attacker.add("/data/upload/2/b.jpg", Route(jpeg()))
+        setup = {"schema": CONFIG, "hostname": label_studio.base, "access_token": "t1", "project": "1.1"}
+        assert post(server, "/setup", setup).status_code == 200
+        assert post(server, "/setup", {**setup, "project": "2.1", "hostname": attacker.base,
+                                       "access_token": "t2"}).status_code == 200
+        assert "result" in predict_one(server, "1.1", "/data/upload/1/a.jpg")
+        for project, image in [("1.1", attacker.url("/data/upload/2/b.jpg")),  # project 2's host
+                               ("1.1", same_host.url("/a.jpg")),                # another port
+                               ("2.1", label_studio.url("/data/upload/1/a.jpg"))]:
+            assert "loopback: refused" in predict_one(server, project, image)["error"], (project, image)
+        assert "result" in predict_one(server, "2.1", "/data/upload/2/b.jpg")  # its own host
+    assert [r.headers.get("Authorization") for r in label_studio.requests] == ["Token t1"]
+    assert [r.headers.get("Authorization") for r in attacker.requests] == ["Token t2"]
+    assert same_host.requests == []
+
+
+def test_a_setup_token_is_not_sent_to_a_different_configured_url(tiny_configs, tmp_path):
+    """LABEL_STUDIO_URL set, no key: a /setup token goes to LABEL_STUDIO_URL only when that
+    /setup named the same origin."""
+    with LoopbackServer() as label_studio:
+        label_studio.add("/data/upload/1/a.jpg", Route(jpeg()))
+        label_studio.add("/data/upload/1/b.jpg", Route(jpeg((0, 0, 200))))
+        settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                                 MODEL_DIR=tmp_path / "model-dir", LABEL_STUDIO_URL=label_studio.base,
+                                 SYNC_MODEL_VERSION=False)
+        with BackendThread(create_app(settings)) as server:
+            server.wait_model()
+            setup = {"schema": CONFIG, "project": "1.1", "hostname": "http://attacker.example:8080",
+                     "access_token": "from-elsewhere"}
+            post(server, "/setup", setup)
+            assert "result" in predict_one(server, "1.1", "/data/upload/1/a.jpg")
+            post(server, "/setup", {**setup, "hostname": label_studio.base, "access_token": "t1"})
+            assert "result" in predict_one(server, "1.1", "/data/upload/1/b.jpg")
+    assert [r.headers.get("Authorization") for r in label_studio.requests] == [None, "Token t1"]
