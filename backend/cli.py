@@ -41,6 +41,7 @@ from .errors import (
 from .export import ExportError, correction_rows, export_corrections, summary
 from .head_registry import HeadRegistry
 from .logs import configure_logging, logging_config
+from .middleware import OPEN_ROUTES_FIX, exposure
 from .prelabel import JobRunning
 from .report import render
 from .review import FORMATS, ReviewError, write
@@ -48,6 +49,7 @@ from .selection import STRATEGIES
 from .store import Store, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 75
 
 
@@ -284,6 +286,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     workers = args.workers or settings.WORKERS
+    host, port = args.host or settings.HOST, args.port or settings.PORT
+    warn_if_open(settings, host, port)
     # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is over (in-flight
     # requests answered, model.aclose() done): that ends a planned stop with status 0, not as
     # "killed by SIGTERM". Before uvicorn takes the signal over, it stops start-up the same way.
@@ -291,8 +295,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     uvicorn.run(
         "backend.server:create_app",
         factory=True,
-        host=args.host or settings.HOST,
-        port=args.port or settings.PORT,
+        host=host,
+        port=port,
         workers=workers,
         log_level=settings.LOG_LEVEL.lower(),
         log_config=logging_config(settings),
@@ -301,6 +305,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
+
+
+def warn_if_open(settings: Settings, host: str, port: int) -> None:
+    """Say loudly, before serving, when every route is open to whoever reaches the port."""
+    warning = exposure(settings, host, port)
+    if warning:
+        log.warning("%s. Fix: %s.", warning, OPEN_ROUTES_FIX)
 
 
 def _store_command(settings: Settings, args: argparse.Namespace) -> int:

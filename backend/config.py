@@ -106,12 +106,13 @@ class Settings(BaseSettings):
     LABEL_STUDIO_URL: str | None = Field(
         None,
         description="Label Studio base URL as this backend reaches it (uploads, presigned cloud "
-        "URLs). Falls back to the hostname Label Studio sends in /setup.",
+        "URLs). Falls back, per project, to the hostname Label Studio sends in /setup.",
     )
     LABEL_STUDIO_API_KEY: str | None = Field(
         None,
-        description="Label Studio token: a legacy token or a personal access token (JWT). Falls "
-        "back to the token Label Studio sends in /setup.",
+        description="Label Studio token: a legacy token or a personal access token (JWT), sent "
+        "to LABEL_STUDIO_URL only (setting it without LABEL_STUDIO_URL is an error). Without it, "
+        "the token Label Studio sends in /setup is used, for that /setup's host only.",
     )
     LABEL_STUDIO_TIMEOUT_S: float = Field(
         30.0, gt=0, description="Timeout of each call to Label Studio's API (pre-label jobs "
@@ -169,7 +170,12 @@ class Settings(BaseSettings):
     )
 
     # --- server ----------------------------------------------------------------------------
-    HOST: str = Field("0.0.0.0", description="Interface the server listens on.")
+    HOST: str = Field(
+        "0.0.0.0", description="Interface the server listens on (0.0.0.0: all of them). Without "
+        "BASIC_AUTH_USER/BASIC_AUTH_PASS on a non-loopback address, `serve` and `doctor` warn "
+        "that anyone who reaches the port may call every route; 127.0.0.1 when Label Studio "
+        "runs on the same machine.",
+    )
     PORT: int = Field(9090, ge=1, le=65535, description="Port the server listens on.")
     WORKERS: int = Field(1, ge=1, description="Server processes; each loads its own model.")
     THREADS: int = Field(
@@ -263,6 +269,13 @@ class Settings(BaseSettings):
     def _check_combinations(self) -> Settings:
         if bool(self.BASIC_AUTH_USER) != bool(self.BASIC_AUTH_PASS):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.LABEL_STUDIO_API_KEY and not self.LABEL_STUDIO_URL:
+            raise ValueError(
+                "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
+                "sent to LABEL_STUDIO_URL, never to a host a /setup request names. Set "
+                "LABEL_STUDIO_URL to Label Studio's address as this backend reaches it, or "
+                "unset LABEL_STUDIO_API_KEY to use the host and token Label Studio sends in /setup"
+            )
         if self.MODEL_CONFIG is not None:
             self._check_model_config()
         if _looks_like_path(self.MODEL_PRETRAINED) and not Path(self.MODEL_PRETRAINED).is_file():

@@ -1,9 +1,9 @@
 """`python -m backend doctor`: check a deployment before Label Studio finds out it is broken.
 
 Checks, in order: settings, local state directory, store, Label Studio (URL and token),
-pre-label workers (with PRELABEL_EXECUTOR=rq), device, model. Each prints OK, WARN, FAIL or
-SKIP; a WARN or FAIL says what to set. Exit status: 1 if any check failed, else 0 (warnings
-alone do not fail).
+auth (who may call the server), pre-label workers (with PRELABEL_EXECUTOR=rq), device, model.
+Each prints OK, WARN, FAIL or SKIP; a WARN or FAIL says what to set. Exit status: 1 if any
+check failed, else 0 (warnings alone do not fail).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import httpx
 from .config import Settings, load_settings
 from .errors import BackendError, ConfigError, FetchError, StoreUnavailable
 from .labelstudio import LabelStudioAccess, origin
+from .middleware import OPEN_ROUTES_FIX, exposure
 from .netguard import AddressPolicy, GuardedTransport
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
@@ -59,7 +60,7 @@ def run(out: TextIO, *, skip_model: bool = False) -> int:
 
 def _checks(settings: Settings, skip_model: bool) -> Iterable[Check]:
     steps: list[Callable[[Settings], Check]] = [check_model_dir, check_store,
-                                                check_label_studio, check_workers]
+                                                check_label_studio, check_auth, check_workers]
     for step in steps:
         yield step(settings)
     device = check_device(settings)
@@ -230,6 +231,19 @@ def _user(response: httpx.Response) -> str | None:
         return None
     who = body.get("email") or body.get("username")
     return str(who) if who else None
+
+
+# --- who may call ----------------------------------------------------------------------------
+def check_auth(settings: Settings) -> Check:
+    """Whether the server's routes need credentials, judged on HOST as `serve` uses it."""
+    if settings.auth_enabled:
+        secret = " (/webhook also takes WEBHOOK_SECRET)" if settings.WEBHOOK_SECRET else ""
+        return Check("auth", "OK", f"on: every route needs HTTP Basic auth{secret}")
+    warning = exposure(settings, settings.HOST, settings.PORT)
+    if warning:
+        return Check("auth", "WARN", f"off: {warning}", OPEN_ROUTES_FIX)
+    return Check("auth", "OK", f"off, and HOST={settings.HOST} accepts connections from this "
+                 "machine only")
 
 
 # --- device and model ------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,30 @@ from .logs import RequestIdMiddleware
 
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 Handler = Callable[[Request], Awaitable[Response]]
+OPEN_ROUTES_FIX = ("set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same pair in Label Studio's "
+                   "model connection, Authentication: Basic), or HOST=127.0.0.1 when Label Studio "
+                   "runs on this machine")
+
+
+def is_loopback(host: str) -> bool:
+    """True if listening on `host` accepts connections from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # another name, or an interface address: reachable from elsewhere
+        return False
+
+
+def exposure(settings: Settings, host: str, port: int) -> str | None:
+    """Why anyone who reaches the server may call every route, or None when they may not."""
+    if settings.auth_enabled or is_loopback(host):
+        return None
+    return (f"authentication is off and HOST={host} is not a loopback address: anyone who can "
+            f"reach port {port} may call /setup, /predict, /prelabel, /heads/activate and "
+            "/export/*" + (" (WEBHOOK_SECRET guards /webhook only)" if settings.WEBHOOK_SECRET
+                           else ""))
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:

@@ -77,3 +77,14 @@ def test_env_example_and_readme_list_every_setting():
     readme = (repo / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name}` |" in readme, f"README's settings table lacks {name}"
+
+
+def test_an_api_key_without_label_studio_url_is_refused(monkeypatch):
+    """Otherwise the key would go to whatever host a /setup request names."""
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key-value")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not" in str(caught.value)
+    assert "secret-key-value" not in str(caught.value)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://label-studio:8080")
+    assert load_settings().LABEL_STUDIO_API_KEY == "secret-key-value"

@@ -61,10 +61,12 @@ def test_a_healthy_deployment_passes_every_check(capsys, tiny_env, label_studio,
                                                  monkeypatch):
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY)
+    monkeypatch.setenv("BASIC_AUTH_USER", "label-studio")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pw-123")
     status, checks, report = doctor(capsys)
     assert status == 0, report
     assert checks == {"settings": "OK", "model dir": "OK", "store": "OK", "label studio": "OK",
-                      "workers": "SKIP", "device": "OK", "model": "OK"}, report
+                      "auth": "OK", "workers": "SKIP", "device": "OK", "model": "OK"}, report
     assert "admin@example.com" in report and "AOF on" in report
     assert "fix:" not in report
 
@@ -117,6 +119,28 @@ def test_an_unwritable_model_dir_fails(capsys, tiny_env, monkeypatch, tmp_path):
 def test_label_studio_skipped_without_its_url(capsys, tiny_env):
     status, checks, report = doctor(capsys, "--skip-model")
     assert status == 0 and checks["label studio"] == "SKIP" and checks["store"] == "OK"
+
+
+def test_auth_is_reported_and_off_on_every_interface_warns(capsys, tiny_env, monkeypatch):
+    status, checks, report = doctor(capsys, "--skip-model")  # the defaults: HOST=0.0.0.0
+    assert status == 0 and checks["auth"] == "WARN", report
+    assert "authentication is off and HOST=0.0.0.0" in report and "/setup" in report
+    assert "BASIC_AUTH_USER" in fix_under(report, "auth")
+    monkeypatch.setenv("HOST", "127.0.0.1")
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert checks["auth"] == "OK" and "off, and HOST=127.0.0.1" in report
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("BASIC_AUTH_USER", "u")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "p")
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert checks["auth"] == "OK" and "on: every route needs HTTP Basic auth" in report
+
+
+def test_an_api_key_without_label_studio_url_fails_the_settings(capsys, monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY)
+    status, checks, report = doctor(capsys)
+    assert status == 1 and checks == {"settings": "FAIL"}
+    assert "Set LABEL_STUDIO_URL" in report and LEGACY not in report
 
 
 def test_a_reachable_label_studio_without_token_only_warns(capsys, tiny_env, label_studio):
