@@ -41,9 +41,13 @@ def project_key(project: Any) -> str | None:
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of `url`; an invalid port is -1, the origin of nothing trusted."""
     parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # "Port out of range", "Port could not be cast to integer value"
+        port = -1
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
 def is_personal_access_token(token: str) -> bool:

@@ -392,6 +392,6 @@ def label_studio_api(model: ZeroShotModel, project: str) -> LabelStudioAPI:
         raise ConfigError("pre-labeling reads tasks from and writes predictions to Label "
                           "Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
     # the address guard too: a host named in /setup must not lead to cloud metadata
-    transport = GuardedTransport(model.fetcher.ls_policy, httpx.Limits(max_connections=8))
+    transport = GuardedTransport(model.fetcher.ls_policy, httpx.Limits())
     return LabelStudioAPI(access, timeout_s=model.settings.LABEL_STUDIO_TIMEOUT_S,
                           transport=transport)

@@ -230,3 +230,9 @@ def test_local_files_spelled_differently_are_still_read_from_the_document_root(l
     for ref in ("/data/local-files/./?d=a.png", "//data/local-files/?d=a.png"):
         assert fetch(ref, ls=LabelStudioAccess(loopback.base, LEGACY), LOCAL_FILES_DOCUMENT_ROOT=tmp_path) == PNG
     assert loopback.requests == []
+
+
+def test_a_url_with_an_invalid_port_is_a_task_error_even_next_to_label_studio(loopback: LoopbackServer):
+    with pytest.raises((ImageRefused, FetchError)):  # not a ValueError from the origin check
+        fetch("http://127.0.0.1:99999/x.png", ls=LabelStudioAccess(loopback.base, LEGACY),
+              IMAGE_URL_ALLOWLIST="")
