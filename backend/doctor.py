@@ -204,7 +204,8 @@ def _judge(ls: LabelStudioAccess, response: httpx.Response) -> Check:
     if code == 200 and not ls.token:
         return Check("label studio", "WARN", f"{ls.url} is up, but LABEL_STUDIO_API_KEY is not "
                      "set: images stored in Label Studio are fetched with the legacy token "
-                     "from /setup, which Label Studio ≥ 1.22 disables by default", _TOKEN_FIX)
+                     "from /setup (only if its hostname is this same URL), which Label Studio "
+                     "≥ 1.22 disables by default", _TOKEN_FIX)
     if code == 200:
         who = _user(response)
         return Check("label studio", "OK", f"{ls.url}: token accepted" + (f" ({who})" if who
