@@ -23,7 +23,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
@@ -91,7 +91,7 @@ class ImageFetcher:
         return fetched
 
     async def _fetch(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None) -> Fetched:
-        scheme = urlsplit(ref).scheme.lower()
+        scheme = _parsed(ref).scheme.lower()
         if scheme in ("http", "https"):
             return await self._download(ref, ls)
         if scheme in CLOUD_SCHEMES:
@@ -169,6 +169,8 @@ class ImageFetcher:
             return await self._client.send(request, stream=True)
         except httpx.TimeoutException:
             raise FetchError(f"timed out connecting to or reading {_safe(url)}") from None
+        except httpx.InvalidURL as exc:
+            raise ImageRefused(f"malformed image URL {_safe(url)!r}: {exc}") from None
         except httpx.HTTPError as exc:
             raise FetchError(f"could not connect to {_safe(url)} ({type(exc).__name__}: "
                              f"{exc})") from None
@@ -219,9 +221,22 @@ def _presign_url(uri: str, task_id: int | None, ls: LabelStudioAccess) -> str:
     return ls.absolute(f"/tasks/{int(task_id)}/presign/?fileuri={quote(encoded)}")
 
 
+def _parsed(ref: str) -> SplitResult:
+    """`ref` split into its URL parts; ImageRefused if it is not a URL (`http://[..]/x`)."""
+    try:
+        return urlsplit(ref)
+    except ValueError as exc:
+        raise ImageRefused(f"malformed image URL {_safe(ref)!r}: {exc}; fix the task's image "
+                           "field") from None
+
+
 def _safe(url: str, limit: int = 200) -> str:
     """A URL fit for logs: no query string (presigned URLs carry credentials), bounded length."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL (e.g. `http://[..]/`): cut at the query all the same
+        url = url.split("?", 1)[0] + ("?…" if "?" in url else "")
+        return url if len(url) <= limit else url[:limit] + "…"
     if parts.scheme in ("http", "https") and parts.query:
         keep = parts.query if parts.path.rstrip("/") == "/data/local-files" else "…"
         url = parts._replace(query=keep).geturl()
