@@ -38,6 +38,7 @@ from .errors import (
     BackendError,
     ConfigError,
     HeadNotFound,
+    InvalidEvent,
     LabelConfigError,
     LabelStudioError,
     LimitExceeded,
@@ -56,6 +57,7 @@ from .store.jobs import open_ledger
 log = logging.getLogger(__name__)
 
 _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
+    (InvalidEvent, 400),
     (LabelConfigError, 422),
     (TaskError, 422),
     (LimitExceeded, 413),
@@ -73,6 +75,8 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
 
 EXAMPLE_CONFIG = ('<View><Image name="image" value="$image"/><Choices name="animal" '
                   'toName="image"><Choice value="Cat"/><Choice value="Dog"/></Choices></View>')
+MAX_EVENT_DEPTH = 64
+"""Nesting levels a webhook body may have; Label Studio's events have about 10."""
 WEBHOOK_BODY = {"content": {"application/json": {"schema": {
     "type": "object", "required": ["action"], "additionalProperties": True,
     "properties": {"action": {"type": "string", "example": "ANNOTATION_CREATED"},
@@ -176,6 +180,10 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
             event = await request.json()
         except ValueError:
             return JSONResponse({"status": "error", "detail": "the body is not JSON"}, 400)
+        except RecursionError:
+            return _too_deep()
+        if _deeper_than(event, MAX_EVENT_DEPTH):
+            return _too_deep()
         if not isinstance(event, dict) or not isinstance(event.get("action"), str):
             return JSONResponse({"status": "error", "detail": "expected {\"action\": ...}"}, 400)
         try:
@@ -324,6 +332,23 @@ def _filename(project: str | None, fmt: str) -> str:
     key = project_key(project)
     suffix = f"-project-{key}" if key and key.isascii() and key.isdigit() else ""
     return f"corrections{suffix}.{fmt}"
+
+
+def _too_deep() -> JSONResponse:
+    return JSONResponse({"status": "error", "detail": f"the body is JSON nested more than "
+                         f"{MAX_EVENT_DEPTH} levels deep; Label Studio's events are not: check "
+                         "what is calling /webhook"}, 400)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests more than `limit` levels (checked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
