@@ -30,6 +30,14 @@ EMBEDDING_CACHE = Counter(
     "backend_embedding_cache_lookups_total", "Image embedding lookups, by hit or miss", ["result"]
 )
 SPOOLED = Gauge("backend_spooled_entries", "Log entries waiting in the local spool for the store")
+DEAD_LETTERS = Counter(
+    "backend_spool_dead_letters_total",
+    "Log entries that could never be applied, set aside in MODEL_DIR/spool/dead-letters.jsonl",
+)
+SPOOL_REPLAY_RESTARTS = Counter(
+    "backend_spool_replay_restarts_total", "Times the spool replay thread crashed and restarted"
+)
+SPOOL_REPLAY_ALIVE = Gauge("backend_spool_replay_alive", "1 while the spool replay thread runs")
 WEBHOOKS = Counter(
     "backend_webhook_events_total",
     "Webhook events received, by action (Label Studio's actions; anything else is \"other\")",

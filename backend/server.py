@@ -8,7 +8,7 @@
 | POST /webhook     | every project event; START_TRAINING from the Train button      | 1 s    |
 | GET /versions     | model versions this process has issued                         | 3 s    |
 | GET /metrics      | Prometheus scrape                                              | –      |
-| GET /export/...   | corrections dataset (JSONL, CSV, Parquet) and summary (JSON)   | –      |
+| GET /export/...   | corrections (JSONL, CSV, Parquet), summary, dead letters       | –      |
 | POST /prelabel    | start (or resume) pre-labeling a whole project, in background  | –      |
 | GET /prelabel/... | a job's progress: queued, done, failed (with reasons)          | –      |
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.INFERENCE_QUEUE.set(model.worker.pending)
+        metrics.SPOOL_REPLAY_ALIVE.set(model.journal.alive)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     _add_export_routes(app, model)
@@ -295,6 +297,15 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
         rows, header, data_key = await model.review_export(
             "review", project, control=control, target_precision=target_precision)
         return _review_response(rows, header, fmt, "review", data_key, project)
+
+    @app.get("/export/dead-letters")
+    async def export_dead_letters() -> Response:
+        """Log entries the store could never apply, each with why (JSONL): fix their `entry`
+        and apply them with `python -m backend replay dead-letters --input FILE`."""
+        letters = await asyncio.to_thread(model.journal.dead_letters.read)
+        body = "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in letters)
+        return Response(body, media_type="application/x-ndjson", headers={
+            "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
 
     @app.get("/export/summary")
     async def export_summary(project: str | None = None,
