@@ -229,6 +229,16 @@ def test_a_spooled_entry_that_can_never_be_applied_is_set_aside_and_blocks_nothi
     assert len(DeadLetters(tmp_path / "spool").read()) == 1
 
 
+def test_an_entry_the_store_cannot_apply_is_set_aside_when_written_directly_too(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    with journal_on(own_redis.url, tmp_path / "spool") as journal:
+        journal.write([*entries(1), malformed(2), *entries(3)])
+        assert journal.pending == 0
+    assert logged(own_redis.url) == ["1", "3"]
+    [letter] = DeadLetters(tmp_path / "spool").read()
+    assert letter["entry"]["data"]["annotation"] == "2" and "TypeError" in letter["reason"]
+
+
 def fill_memory(server: RedisServer) -> Callable[[], None]:
     """Redis at its maxmemory (noeviction): every write is refused with OOM."""
     client = redis.Redis(port=server.port)
