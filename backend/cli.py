@@ -9,11 +9,14 @@
     report               write an HTML report of a project's heads (reliability, learning curve)
     export selection     tasks to label next (uncertainty, coreset, cold start, …)
     export review        tasks to check: likely label errors, disagreements, low confidence
+    export dead-letters  spooled entries the store could never apply, with why (JSONL)
+    replay dead-letters  apply (fixed) dead letters to the store; the applied ones leave the file
     prelabel             pre-label a whole Label Studio project (resumable, with progress)
     worker               work pre-label jobs from Redis (RQ); loads the model once
 
 Exit status: 0 done, 1 the store failed (unreachable, I/O), 2 bad arguments or settings
-(doctor: 1 if any check failed).
+(doctor: 1 if any check failed;
+replay dead-letters: 2 if some still cannot be applied).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .report import render
 from .review import FORMATS, ReviewError, write
 from .selection import STRATEGIES
 from .store import Store, open_store
+from .store.dead_letters import DeadLetters, read_letters, replay
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                         default=Path("adaptation-report.html"))
     report.set_defaults(run=_store_command, export=_write_report)
     _prelabel_parsers(commands)
+    _replay_parser(commands.add_parser("replay", help="apply dead letters (fixed) to the store"))
     _doctor_parser(commands.add_parser("doctor", help="check the deployment: settings, store, "
                                        "Label Studio, device, model"))
     return parser
@@ -106,7 +111,7 @@ def _heads_parser(heads: argparse.ArgumentParser) -> None:
 
 def _export_parser(export: argparse.ArgumentParser) -> None:
     kinds = export.add_subparsers(dest="kind", required=True,
-                                  metavar="{corrections,summary,selection,review}")
+                                  metavar="{corrections,summary,selection,review,dead-letters}")
     rows = kinds.add_parser("corrections", help="the corrections dataset, one row per "
                             "annotation and control")
     rows.add_argument("--format", choices=("jsonl", "csv", "parquet"),
@@ -123,6 +128,10 @@ def _export_parser(export: argparse.ArgumentParser) -> None:
     summary = kinds.add_parser("summary", help="model-vs-human summary as JSON")
     summary.set_defaults(run=_store_command, export=_print_summary)
     _review_parsers(kinds)
+    dead = kinds.add_parser("dead-letters", help="spooled entries the store could never apply, "
+                            "each with why: fix `entry`, then `replay dead-letters --input`")
+    dead.add_argument("--output", "-o", type=Path, metavar="FILE", help="default: stdout")
+    dead.set_defaults(run=_export_dead_letters)
     for command in (rows, summary):
         command.add_argument("--project", metavar="ID",
                              help="Label Studio project id (default: all)")
@@ -264,6 +273,45 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _replay_parser(replay: argparse.ArgumentParser) -> None:
+    replay.add_argument("what", choices=["dead-letters"])
+    replay.add_argument("--input", "-i", type=Path, metavar="FILE",
+                        help="dead letters to apply, e.g. an edited `export dead-letters` "
+                        "(default: MODEL_DIR/spool/dead-letters.jsonl itself)")
+    replay.set_defaults(run=_store_command, export=_replay_dead_letters)
+
+
+def _dead_letters(settings: Settings) -> DeadLetters:
+    return DeadLetters(settings.MODEL_DIR / "spool")
+
+
+def _export_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    letters = _dead_letters(settings).read()
+    text = "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in letters)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    print(f"{len(letters)} dead letters", file=sys.stderr)
+    return 0
+
+
+def _replay_dead_letters(store: Store, settings: Settings, args: argparse.Namespace) -> None:
+    letters = _dead_letters(settings)
+    try:
+        done = replay(store, read_letters(args.input) if args.input else letters.read())
+    except ValueError as exc:  # the input file is not dead letters
+        raise ExportError(str(exc)) from None
+    removed = letters.remove(done.keys)
+    for reason in done.failed:
+        print(f"not applied: {reason}", file=sys.stderr)
+    print(f"applied {done.applied} dead letters ({done.already} were applied before), "
+          f"{len(done.failed)} failed; {removed} removed from {letters.path}", file=sys.stderr)
+    if done.failed:
+        raise ExportError(f"{len(done.failed)} dead letters still cannot be applied: fix their "
+                          "`entry` as the reasons above say and replay them again")
 
 
 def _doctor_parser(doctor: argparse.ArgumentParser) -> None:

@@ -9,11 +9,11 @@ check failed, else 0 (warnings alone do not fail).
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TextIO
 
 import httpx
@@ -23,6 +23,8 @@ from .errors import BackendError, ConfigError, FetchError, StoreUnavailable
 from .labelstudio import LabelStudioAccess, origin
 from .middleware import OPEN_ROUTES_FIX, exposure
 from .netguard import AddressPolicy, GuardedTransport
+from .store.dead_letters import DeadLetters
+from .store.journal import spooled_entries
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 WHOAMI = "/api/current-user/whoami"
@@ -92,24 +94,27 @@ def check_model_dir(settings: Settings) -> Check:
         return Check("model dir", "FAIL", f"{where} is not writable ({exc.strerror or exc})",
                      "set MODEL_DIR to a writable directory (in Docker, a volume owned by the "
                      "container's user); corrections are spooled there while the store is down")
-    spooled = _spooled_entries(where / "spool")
-    if spooled:
-        return Check("model dir", "WARN", f"{where}: {spooled} corrections spooled, waiting for "
-                     "the store", "start the store; the server replays the spool when it can")
-    return Check("model dir", "OK", f"{where} is writable")
+    return _spool_check(where)
 
 
-def _spooled_entries(spool: os.PathLike[str]) -> int:
-    try:
-        files = [entry for entry in os.scandir(spool)
-                 if entry.name.startswith("spool-") and entry.name.endswith(".jsonl")]
-    except FileNotFoundError:
-        return 0
-    total = 0
-    for entry in files:
-        with open(entry.path, "rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
+def _spool_check(where: Path) -> Check:
+    """Entries waiting in the spool, and dead letters: entries the store could never apply."""
+    pending, dead = spooled_entries(where / "spool"), DeadLetters(where / "spool")
+    count = dead.count()
+    waiting = f"; {pending} more spooled, waiting for the store" if pending else ""
+    if count:
+        return Check("model dir", "WARN", f"{where}: {count} corrections the store could not "
+                     f"apply were set aside as dead letters in {dead.path}{waiting}",
+                     "read them with `python -m backend export dead-letters -o FILE`, fix "
+                     "each `entry` as its `reason` says, then `python -m backend replay "
+                     "dead-letters --input FILE`")
+    if pending:
+        return Check("model dir", "WARN", f"{where}: {pending} corrections spooled, waiting for "
+                     "the store", "start the store; the server replays the spool when it can "
+                     "(if the store is up and this number stays, check "
+                     "backend_spool_replay_alive and backend_spool_replay_restarts_total on "
+                     "/metrics, and the server's log)")
+    return Check("model dir", "OK", f"{where} is writable, nothing spooled")
 
 
 def check_store(settings: Settings) -> Check:

@@ -12,6 +12,7 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── Overloaded             too much work in progress; retry shortly (503)
     ├── HeadNotFound           a rollback names an adapted head that does not exist (404)
     ├── LabelStudioError       a Label Studio API call failed (names the call and the fix)
+    ├── InvalidEvent           a webhook event cannot be recorded as it is (400, names the field)
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -60,6 +61,10 @@ class LabelStudioError(BackendError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class InvalidEvent(BackendError):
+    """A webhook event is malformed: it is refused whole, before anything of it is recorded."""
 
 
 class TaskError(BackendError):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from .errors import LabelConfigError
+from .errors import InvalidEvent, LabelConfigError
 from .labels import parse_label_config
 from .labelstudio import project_key
 
@@ -34,6 +34,10 @@ Kind = Literal["prediction", "annotation", "deletion"]
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETION_ACTION = "ANNOTATIONS_DELETED"
 Labels = list[Any]  # choice values (str) or taxonomy paths (list[str])
+_MALFORMED = (TypeError, KeyError, ValueError, AttributeError, RecursionError)
+"""What reading or applying a malformed event raises."""
+_AS_LABEL_STUDIO_DOES = ("fix what sends it: Label Studio sends each annotation's `result` as a "
+                         "list of regions, each naming its control in `from_name`")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,19 @@ def _digest(*parts: Any) -> str:
 
 # --- webhook → entries ---------------------------------------------------------------------
 def entries_from_webhook(event: dict[str, Any]) -> list[Entry]:
-    """Entries of the corrections log in a Label Studio webhook (none for other events)."""
+    """Entries of the corrections log in a Label Studio webhook (none for other events).
+    Raises InvalidEvent, before anything is recorded, if one of them could not be applied."""
+    try:
+        entries = _entries(event)
+    except _MALFORMED as exc:
+        raise InvalidEvent(f"the event cannot be read ({type(exc).__name__}: {exc}); "
+                           f"{_AS_LABEL_STUDIO_DOES}") from None
+    for entry in entries:
+        check_entry(entry)
+    return entries
+
+
+def _entries(event: dict[str, Any]) -> list[Entry]:
     action = event.get("action")
     project = project_key(event.get("project"))
     if project is None:
@@ -122,6 +138,34 @@ def _deletion(event: dict[str, Any], project: str) -> list[Entry]:
     if not ids:
         return []
     return [Entry("deletion", _digest("deleted", ids), project, {"annotations": ids})]
+
+
+def check_entry(entry: Entry) -> None:
+    """Raise InvalidEvent unless the store can apply `entry`: it is checked with the very code
+    that applies it, so an acknowledged entry never fails later (in the spool's replay)."""
+    what = f"annotation {entry.data.get('annotation')}" if entry.kind == "annotation" else \
+        f"the {entry.kind} entry"
+    try:
+        if entry.kind == "annotation":
+            _check_regions(entry.data["result"], "result")
+            _check_regions(entry.data["prediction_snapshot"]["result"], "prediction.result")
+            build_correction(entry, None)
+        entry.to_json()
+    except InvalidEvent as exc:
+        raise InvalidEvent(f"{what}: {exc}") from None
+    except _MALFORMED as exc:
+        raise InvalidEvent(f"{what} cannot be recorded ({type(exc).__name__}: {exc}); "
+                           f"{_AS_LABEL_STUDIO_DOES}") from None
+
+
+def _check_regions(regions: Any, where: str) -> None:
+    if not isinstance(regions, list):
+        raise InvalidEvent(f"{where} is a {type(regions).__name__}, expected a list of regions")
+    for number, region in enumerate(regions):
+        name = region.get("from_name") if isinstance(region, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise InvalidEvent(f"{where}[{number}].from_name is a {type(name).__name__}, "
+                               "expected the name of a control in the label config (a string)")
 
 
 # --- /predict → entries --------------------------------------------------------------------

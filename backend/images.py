@@ -28,7 +28,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
@@ -103,7 +103,7 @@ class ImageFetcher:
         return fetched
 
     async def _fetch(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None) -> Fetched:
-        scheme = urlsplit(ref).scheme.lower()
+        scheme = _parsed(ref).scheme.lower()
         if scheme in ("http", "https"):
             if ls is not None and ls.owns(ref):
                 _check_local_files(ref)
@@ -185,6 +185,8 @@ class ImageFetcher:
             return await client.send(request, stream=True)
         except httpx.TimeoutException:
             raise FetchError(f"timed out connecting to or reading {_safe(url)}") from None
+        except httpx.InvalidURL as exc:
+            raise ImageRefused(f"malformed image URL {_safe(url)!r}: {exc}") from None
         except httpx.HTTPError as exc:
             raise FetchError(f"could not connect to {_safe(url)} ({type(exc).__name__}: "
                              f"{exc})") from None
@@ -225,7 +227,7 @@ def _check_local_files(ref: str) -> list[str] | None:
     """The `d=` paths if `ref` names Label Studio's local-files endpoint, however spelled
     (`/data/local-files/./`, `//data/local-files/`, percent-encoded: Label Studio routes them
     all there), else None. Refuses a path with `..` in any of them."""
-    parts = urlsplit(ref if urlsplit(ref).scheme else "http://label-studio/" + ref.lstrip("/"))
+    parts = _parsed(ref if _parsed(ref).scheme else "http://label-studio/" + ref.lstrip("/"))
     path = posixpath.normpath(re.sub("/+", "/", "/" + unquote(parts.path)))
     if path != "/data/local-files":
         return None
@@ -249,9 +251,22 @@ def _presign_url(uri: str, task_id: int | None, ls: LabelStudioAccess) -> str:
     return ls.absolute(f"/tasks/{int(task_id)}/presign/?fileuri={quote(encoded)}")
 
 
+def _parsed(ref: str) -> SplitResult:
+    """`ref` split into its URL parts; ImageRefused if it is not a URL (`http://[..]/x`)."""
+    try:
+        return urlsplit(ref)
+    except ValueError as exc:
+        raise ImageRefused(f"malformed image URL {_safe(ref)!r}: {exc}; fix the task's image "
+                           "field") from None
+
+
 def _safe(url: str, limit: int = 200) -> str:
     """A URL fit for logs: no query string (presigned URLs carry credentials), bounded length."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL (e.g. `http://[..]/`): cut at the query all the same
+        url = url.split("?", 1)[0] + ("?…" if "?" in url else "")
+        return url if len(url) <= limit else url[:limit] + "…"
     if parts.scheme in ("http", "https") and parts.query:
         keep = parts.query if parts.path.rstrip("/") == "/data/local-files" else "…"
         url = parts._replace(query=keep).geturl()

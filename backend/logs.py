@@ -29,6 +29,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
 
 # an incoming id is echoed into logs and headers: only short, plain tokens are taken as they are
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# characters that end or rewrite a line on a terminal or in a log viewer (C0, DEL, C1, U+2028/9)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime",
                                                                 "request_id", "color_message"}
 
@@ -39,6 +41,21 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get() or "-"
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT lines whose message is one line, whatever its arguments hold: control
+    characters (a newline in a webhook's `action` or an image URL) are escaped, so input cannot
+    forge log lines. A traceback, when there is one, follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character written as a Python escape (\\n, \\x1b, \\u2028)."""
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,7 +89,7 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     format LOG_FORMAT asks for. uvicorn applies it in every worker process."""
     formatter: dict[str, Any] = (
         {"()": f"{__name__}.JsonFormatter"} if settings.LOG_FORMAT == "json"
-        else {"format": TEXT_FORMAT})
+        else {"()": f"{__name__}.TextFormatter", "fmt": TEXT_FORMAT})
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -30,7 +30,26 @@ EMBEDDING_CACHE = Counter(
     "backend_embedding_cache_lookups_total", "Image embedding lookups, by hit or miss", ["result"]
 )
 SPOOLED = Gauge("backend_spooled_entries", "Log entries waiting in the local spool for the store")
-WEBHOOKS = Counter("backend_webhook_events_total", "Webhook events received, by action", ["action"])
+DEAD_LETTERS = Counter(
+    "backend_spool_dead_letters_total",
+    "Log entries that could never be applied, set aside in MODEL_DIR/spool/dead-letters.jsonl",
+)
+SPOOL_REPLAY_RESTARTS = Counter(
+    "backend_spool_replay_restarts_total", "Times the spool replay thread crashed and restarted"
+)
+SPOOL_REPLAY_ALIVE = Gauge("backend_spool_replay_alive", "1 while the spool replay thread runs")
+WEBHOOKS = Counter(
+    "backend_webhook_events_total",
+    "Webhook events received, by action (Label Studio's actions; anything else is \"other\")",
+    ["action"],
+)
+WEBHOOK_ACTIONS = frozenset({
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "START_TRAINING", "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED",
+    "TASKS_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
+    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+})
+"""The `action` label's values besides "other": one series each, whatever callers send."""
 MODEL_LOAD_SECONDS = Gauge("backend_model_load_seconds", "Time the model took to load")
 MODEL_READY = Gauge("backend_model_ready", "1 once the model is loaded and serving")
 INFERENCE_QUEUE = Gauge("backend_inference_queue_items", "Work items waiting for the model")
@@ -59,3 +78,8 @@ PRELABEL_TASKS = Counter(
     "backend_prelabel_tasks_total", "Tasks worked by pre-label jobs, by outcome (done, failed)",
     ["outcome"],
 )
+
+
+def webhook_action(action: str) -> str:
+    """The `action` label for a webhook: a Label Studio action, or "other"."""
+    return action if action in WEBHOOK_ACTIONS else "other"

@@ -520,7 +520,7 @@ class ZeroShotModel:
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Receive a Label Studio event: annotation events go to the corrections log, durably
         (in the store, or spooled) before this returns. Call it off the event loop."""
-        metrics.WEBHOOKS.labels(event if event.isupper() and len(event) < 64 else "other").inc()
+        metrics.WEBHOOKS.labels(metrics.webhook_action(event)).inc()
         entries = entries_from_webhook(data)
         self.journal.write(entries)
         corrections = sum(entry.kind == "annotation" for entry in entries)

@@ -8,7 +8,7 @@
 | POST /webhook     | every project event; START_TRAINING from the Train button      | 1 s    |
 | GET /versions     | model versions this process has issued                         | 3 s    |
 | GET /metrics      | Prometheus scrape                                              | –      |
-| GET /export/...   | corrections dataset (JSONL, CSV, Parquet) and summary (JSON)   | –      |
+| GET /export/...   | corrections (JSONL, CSV, Parquet), summary, dead letters       | –      |
 | POST /prelabel    | start (or resume) pre-labeling a whole project, in background  | –      |
 | GET /prelabel/... | a job's progress: queued, done, failed (with reasons)          | –      |
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from .errors import (
     BackendError,
     ConfigError,
     HeadNotFound,
+    InvalidEvent,
     LabelConfigError,
     LabelStudioError,
     LimitExceeded,
@@ -56,6 +58,7 @@ from .store.jobs import open_ledger
 log = logging.getLogger(__name__)
 
 _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
+    (InvalidEvent, 400),
     (LabelConfigError, 422),
     (TaskError, 422),
     (LimitExceeded, 413),
@@ -73,6 +76,8 @@ _STATUS_FOR: tuple[tuple[type[BackendError], int], ...] = (
 
 EXAMPLE_CONFIG = ('<View><Image name="image" value="$image"/><Choices name="animal" '
                   'toName="image"><Choice value="Cat"/><Choice value="Dog"/></Choices></View>')
+MAX_EVENT_DEPTH = 64
+"""Nesting levels a webhook body may have; Label Studio's events have about 10."""
 WEBHOOK_BODY = {"content": {"application/json": {"schema": {
     "type": "object", "required": ["action"], "additionalProperties": True,
     "properties": {"action": {"type": "string", "example": "ANNOTATION_CREATED"},
@@ -176,6 +181,10 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
             event = await request.json()
         except ValueError:
             return JSONResponse({"status": "error", "detail": "the body is not JSON"}, 400)
+        except RecursionError:
+            return _too_deep()
+        if _deeper_than(event, MAX_EVENT_DEPTH):
+            return _too_deep()
         if not isinstance(event, dict) or not isinstance(event.get("action"), str):
             return JSONResponse({"status": "error", "detail": "expected {\"action\": ...}"}, 400)
         try:
@@ -209,6 +218,7 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.INFERENCE_QUEUE.set(model.worker.pending)
+        metrics.SPOOL_REPLAY_ALIVE.set(model.journal.alive)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     _add_export_routes(app, model)
@@ -288,6 +298,15 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
             "review", project, control=control, target_precision=target_precision)
         return _review_response(rows, header, fmt, "review", data_key, project)
 
+    @app.get("/export/dead-letters")
+    async def export_dead_letters() -> Response:
+        """Log entries the store could never apply, each with why (JSONL): fix their `entry`
+        and apply them with `python -m backend replay dead-letters --input FILE`."""
+        letters = await asyncio.to_thread(model.journal.dead_letters.read)
+        body = "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in letters)
+        return Response(body, media_type="application/x-ndjson", headers={
+            "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
+
     @app.get("/export/summary")
     async def export_summary(project: str | None = None,
                              since: str | None = None) -> dict[str, Any]:
@@ -324,6 +343,23 @@ def _filename(project: str | None, fmt: str) -> str:
     key = project_key(project)
     suffix = f"-project-{key}" if key and key.isascii() and key.isdigit() else ""
     return f"corrections{suffix}.{fmt}"
+
+
+def _too_deep() -> JSONResponse:
+    return JSONResponse({"status": "error", "detail": f"the body is JSON nested more than "
+                         f"{MAX_EVENT_DEPTH} levels deep; Label Studio's events are not: check "
+                         "what is calling /webhook"}, 400)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests more than `limit` levels (checked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 def _finish_background(pending: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:

@@ -19,7 +19,7 @@ from backend.server import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
-from .support.webhooks import CONFIG
+from .support.webhooks import CONFIG, annotation_event
 
 ALLOWED = "127.0.0.3"  # the only address task URLs may reach in these tests
 
@@ -236,6 +236,35 @@ def test_bad_webhooks_get_400(served, body):
     backend, _ = served
     response = post(backend, "/webhook", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
+
+
+def test_a_webhook_nested_too_deeply_gets_400_not_500(served):
+    backend, _ = served
+    for depth in (100_000, 500):  # past the JSON parser's recursion limit, and within it
+        body = b'{"action": "ANNOTATION_CREATED", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        response = post(backend, "/webhook", content=body,
+                        headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert "nested more than 64 levels" in response.json()["detail"]
+
+
+def test_an_annotation_that_could_never_be_applied_gets_400_and_nothing_is_recorded(served):
+    backend, _ = served
+    event = annotation_event(5, 9, [{"from_name": {"x": 1}, "value": {"choices": ["Cat"]}}])
+    response = post(backend, "/webhook", json=event)
+    assert response.status_code == 400, response.text
+    assert "result[0].from_name is a dict" in response.json()["detail"]
+    assert list(backend.app.state.model.store.events()) == []
+
+
+def test_a_malformed_image_host_is_one_clear_task_error_without_a_traceback(served, caplog):
+    backend, _ = served
+    tasks = [{"id": 1, "data": {"image": "http://[..]/a.png"}}]
+    response = post(backend, "/predict", json={"tasks": tasks, "label_config": CONFIG})
+    assert response.status_code == 200
+    [result] = response.json()["results"]
+    assert "ImageRefused: malformed image URL 'http://[..]/a.png'" in result["error"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
 @pytest.mark.parametrize("body", [{}, {"schema": 5}, {"schema": ""}, {"schema": None, "project": []}])

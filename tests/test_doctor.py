@@ -12,6 +12,7 @@ import redis
 import torch
 
 from backend.cli import main
+from backend.store.dead_letters import DeadLetters
 
 from .support.http_server import LoopbackServer, Route
 from .support.redis_server import RedisServer, free_port
@@ -227,3 +228,18 @@ def test_python_m_backend_doctor_exits_1_on_failure():
                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1 and result.stdout.startswith("FAIL  settings")
+
+
+def test_dead_letters_and_the_unreplayed_spool_are_reported(capsys, tiny_env, monkeypatch,
+                                                            tmp_path):
+    spool = tmp_path / "state" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "spool-0.jsonl").write_text('{"a": 1}\n{"a": 2}\n{"a": 3}\n')
+    (spool / "spool-0.offset").write_text(str(len('{"a": 1}\n')))  # the first one is replayed
+    DeadLetters(spool).add(b'{"kind": "annotation"}\n', "TypeError: unhashable type: 'list'")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "state"))
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert status == 0 and checks["model dir"] == "WARN"
+    assert f"1 corrections the store could not apply were set aside as dead letters in " \
+           f"{spool / 'dead-letters.jsonl'}; 2 more spooled" in report
+    assert "python -m backend export dead-letters" in fix_under(report, "model dir")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from backend.errors import InvalidEvent
 from backend.feedback import Entry, build_correction, entries_from_webhook, prediction_entry
 
 from .support.webhooks import (
@@ -136,3 +139,18 @@ def test_an_abstention_is_logged_with_its_image_and_counts_as_nothing_proposed()
     assert labelled["controls"]["choice"]["embedding_key"] == "m|abc"  # learnable from
     empty = record_for(annotation_event(2, 7, []), {"project": "4", **entry.data})
     assert empty["controls"] == {}  # abstained and left empty: nothing happened
+
+
+def test_a_region_whose_from_name_is_not_a_string_is_refused_before_anything_is_recorded():
+    good = annotation_event(1, 7, choice_result("Cat"))
+    bad = annotation_event(2, 8, [{"from_name": ["choice"], "type": "choices",
+                                   "value": {"choices": ["Dog"]}}])
+    with pytest.raises(InvalidEvent, match=r"annotation 2: result\[0\]\.from_name is a list"):
+        entries_from_webhook(bulk_created([good, bad]))
+
+
+def test_an_event_that_cannot_be_read_is_refused_with_what_to_fix():
+    event = annotation_event(1, 7, choice_result("Cat"))
+    event["annotation"]["task"] = [7]  # an id that is a list
+    with pytest.raises(InvalidEvent, match="fix what sends it"):
+        entries_from_webhook(event)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -154,6 +155,16 @@ def test_unreachable_host_and_unsupported_references():
         fetch("/data/upload/1/x.png")
     with pytest.raises(ImageRefused, match="empty"):
         fetch("  ")
+
+
+@pytest.mark.parametrize(("ref", "why"), [
+    ("http://[..]/x.png", "does not appear to be an IPv4 or IPv6 address"),  # urllib's ValueError
+    ("http://[::1/x.png", "Invalid IPv6 URL"),
+    ("http://host:abc/x.png", "Invalid port"),  # httpx's InvalidURL
+])
+def test_a_malformed_url_is_refused_with_why(ref: str, why: str):
+    with pytest.raises(ImageRefused, match=re.escape(f"malformed image URL {ref!r}: ") + ".*" + why):
+        fetch(ref)
 
 
 def test_downloads_are_concurrent_but_bounded(loopback: LoopbackServer):

@@ -149,3 +149,28 @@ def test_refused_requests_get_an_id_as_well(tiny_configs, tmp_path):
     with BackendThread(create_app(settings)) as server:
         response = httpx.get(server.url + "/health", headers={"X-Request-ID": "probe-9"})
     assert response.status_code == 401 and response.headers["x-request-id"] == "probe-9"
+
+
+def text_formatter(monkeypatch: pytest.MonkeyPatch) -> logging.Formatter:
+    """The formatter LOG_FORMAT=text configures."""
+    monkeypatch.setenv("LOG_FORMAT", "TEXT")
+    config = logging_config(load_settings())
+    return logging.config.DictConfigurator(config).configure_formatter(
+        config["formatters"]["default"])
+
+
+def test_text_lines_escape_control_characters_in_every_message_and_argument(monkeypatch):
+    formatter = text_formatter(monkeypatch)
+    line = formatter.format(record("event %s: %s", "A\nB", "\x1b[2Kc\r\u2028d"))
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert line.endswith(r"backend.test: event A\nB: \x1b[2Kc\r\u2028d")
+    assert formatter.format(record("plain\nmessage")).endswith(r"plain\nmessage")
+
+
+def test_a_newline_in_a_webhook_action_cannot_forge_a_log_line(backend, captured, monkeypatch):
+    forged = "ANNOTATION_CREATED\n2026-11-30 06:00:00,000 ERROR [-] backend.model: forged"
+    response = httpx.post(backend.url + "/webhook", json={"action": forged, "project": {"id": 4}})
+    assert response.status_code == 200
+    formatter = text_formatter(monkeypatch)
+    lines = [formatter.format(r) for r in captured.records if "forged" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines)

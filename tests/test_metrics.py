@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.errors import StoreUnavailable
+from backend.metrics import WEBHOOK_ACTIONS
 from backend.server import create_app
 from backend.store.redis import RedisStore
 
@@ -82,3 +83,20 @@ def test_store_errors_are_counted():
         store.ping()
     store.close()
     assert errors() == before + 1
+
+
+def test_junk_webhook_actions_share_one_series_and_the_spool_replay_is_visible(backend):
+    before = scrape(backend.url)
+    for number in range(30):
+        body = {"action": f"JUNK_ACTION_{number}", "project": {"id": 5}}
+        assert httpx.post(backend.url + "/webhook", json=body, timeout=30).status_code == 200
+    after = scrape(backend.url)
+    actions = {dict(labels)["action"] for name, labels in after
+               if name == "backend_webhook_events_total"}
+    assert actions <= WEBHOOK_ACTIONS | {"other"}
+    assert value(after, "backend_webhook_events_total", action="other") - value(
+        before, "backend_webhook_events_total", action="other") == 30
+    assert value(after, "backend_spool_replay_alive") == 1
+    assert value(after, "backend_spooled_entries") == 0
+    assert ("backend_spool_replay_restarts_total", frozenset()) in after
+    assert ("backend_spool_dead_letters_total", frozenset()) in after

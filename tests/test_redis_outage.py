@@ -4,6 +4,7 @@ each, in the order Label Studio sent them (the journal's spool bridges the outag
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,10 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+from prometheus_client import REGISTRY
 
 from backend.config import Settings
-from backend.feedback import Entry
+from backend.feedback import Entry, entries_from_webhook
 from backend.server import create_app
+from backend.store.dead_letters import DeadLetters
 from backend.store.journal import Journal
 from backend.store.redis import RedisStore
 
@@ -176,3 +180,116 @@ def test_processes_sharing_model_dir_spool_separately(tmp_path: Path) -> None:
     assert third.path == first.path
     second.stop()
     third.stop()
+
+
+def malformed(number: int) -> Entry:
+    """An annotation entry that got past an older backend's checks: its region names its control
+    with a list, so building its correction record fails however often it is retried."""
+    (entry,) = entries_from_webhook(event(number))
+    data = {**entry.data, "result": [{"from_name": ["choice"], "value": {"choices": ["Cat"]}}]}
+    return Entry(entry.kind, entry.key, entry.project, data, entry.received_at)
+
+
+def entries(*numbers: int) -> list[Entry]:
+    return [entry for number in numbers for entry in entries_from_webhook(event(number))]
+
+
+def spooled_gauge() -> float | None:
+    return REGISTRY.get_sample_value("backend_spooled_entries")
+
+
+@contextmanager
+def journal_on(url: str, spool: Path) -> Iterator[Journal]:
+    store = RedisStore(url, timeout_s=0.5)
+    journal = Journal(store, spool, retry_s=0.05)
+    journal.start()
+    try:
+        yield journal
+    finally:
+        journal.stop()
+        store.close()
+
+
+def test_a_spooled_entry_that_can_never_be_applied_is_set_aside_and_blocks_nothing(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    own_redis.kill()
+    with journal_on(own_redis.url, tmp_path / "spool") as journal:
+        journal.write([*entries(1), malformed(2), *entries(3)])
+        assert journal.pending == 3 and spooled_gauge() == 3
+        own_redis.start()
+        wait_drained(journal)
+        assert journal.alive and spooled_gauge() == 0
+        journal.write(entries(4))  # straight to the store again
+    assert logged(own_redis.url) == ["1", "3", "4"]
+    [letter] = DeadLetters(tmp_path / "spool").read()
+    assert letter["entry"]["data"]["annotation"] == "2"
+    assert letter["reason"].startswith("TypeError: ") and "unhashable" in letter["reason"]
+    with journal_on(own_redis.url, tmp_path / "spool") as journal:  # a restart: nothing to replay
+        assert journal.pending == 0
+    assert len(DeadLetters(tmp_path / "spool").read()) == 1
+
+
+def test_an_entry_the_store_cannot_apply_is_set_aside_when_written_directly_too(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    with journal_on(own_redis.url, tmp_path / "spool") as journal:
+        journal.write([*entries(1), malformed(2), *entries(3)])
+        assert journal.pending == 0
+    assert logged(own_redis.url) == ["1", "3"]
+    [letter] = DeadLetters(tmp_path / "spool").read()
+    assert letter["entry"]["data"]["annotation"] == "2" and "TypeError" in letter["reason"]
+
+
+def fill_memory(server: RedisServer) -> Callable[[], None]:
+    """Redis at its maxmemory (noeviction): every write is refused with OOM."""
+    client = redis.Redis(port=server.port)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    return lambda: client.config_set("maxmemory", 0) and None
+
+
+def break_persistence(server: RedisServer) -> Callable[[], None]:
+    """An RDB snapshot that failed (its directory is gone): writes are refused with MISCONF."""
+    client = redis.Redis(port=server.port)
+    client.config_set("save", "3600 1")
+    shutil.rmtree(server.directory)
+    client.bgsave()
+    assert eventually(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err")
+    return lambda: client.config_set("save", "") and None
+
+
+@pytest.mark.parametrize("refuse", [fill_memory, break_persistence], ids=["OOM", "MISCONF"])
+def test_a_redis_that_refuses_writes_is_waited_for_and_nothing_is_set_aside(
+        own_redis: RedisServer, tmp_path: Path,
+        refuse: Callable[[RedisServer], Callable[[], None]]) -> None:
+    with journal_on(own_redis.url, tmp_path / "spool") as journal:
+        journal.write(entries(1))
+        allow = refuse(own_redis)
+        try:
+            journal.write(entries(2, 3))  # refused: spooled, not lost and not dead-lettered
+            assert journal.pending == 2 and spooled_gauge() == 2
+        finally:
+            allow()  # (a Redis whose snapshot failed would not even shut down)
+        journal.write(entries(4))  # behind the spooled ones
+        wait_drained(journal)
+    assert logged(own_redis.url) == numbers(1, 4)
+    assert DeadLetters(tmp_path / "spool").read() == []
+
+
+def test_a_crashed_replay_thread_is_restarted_and_counted(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    (spool / "dead-letters.jsonl").mkdir(parents=True)  # setting a line aside fails: a crash
+    own_redis.kill()
+    restarts = REGISTRY.get_sample_value("backend_spool_replay_restarts_total") or 0.0
+    with journal_on(own_redis.url, spool) as journal:
+        journal.write([*entries(1), malformed(2), *entries(3)])
+        own_redis.start()
+        journal.write(entries(4))  # wakes the replay
+        assert eventually(lambda: journal.restarts >= 1)
+        assert journal.alive and journal.pending == 3  # entry 1 applied, the rest kept
+        assert REGISTRY.get_sample_value("backend_spool_replay_restarts_total") > restarts
+        (spool / "dead-letters.jsonl").rmdir()
+        journal.write(entries(5))
+        wait_drained(journal)
+    assert logged(own_redis.url) == ["1", "3", "4", "5"]
+    assert len(DeadLetters(spool).read()) == 1

@@ -177,6 +177,16 @@ def test_metrics_move_after_predict_and_webhook(backend, loopback):
     assert sample("backend_http_requests_total") > 0
 
 
+def test_dead_letters_are_exported_with_their_reason(backend):
+    assert httpx.get(backend.url + "/export/dead-letters").text == ""
+    backend.app.state.model.journal.dead_letters.add(b'{"kind": "annotation"}\n', "KeyError: 'key'")
+    response = httpx.get(backend.url + "/export/dead-letters")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    [letter] = [json.loads(line) for line in response.text.splitlines()]
+    assert letter["entry"] == {"kind": "annotation"} and letter["reason"] == "KeyError: 'key'"
+
+
 def test_basic_auth_guards_every_route(tiny_configs, tmp_path):
     settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
                              BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw-123")

@@ -11,6 +11,7 @@ itself is killed; `everysec` risks the last second).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,6 +49,16 @@ return 1
 
 _ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
            redis.ReadOnlyError)
+_REFUSALS = (redis.exceptions.OutOfMemoryError, redis.exceptions.TryAgainError,
+             redis.exceptions.MasterDownError)
+_REFUSAL_CODES = re.compile(
+    r"(^|pipeline caused error: )(MISCONF|BUSY|NOREPLICAS|CLUSTERDOWN|READONLY|LOADING|OOM)\b")
+"""Error replies of a Redis that cannot take writes *now*: waited for, never blamed on the data
+(redis-py raises OOM as its own class, MISCONF as a plain ResponseError)."""
+
+
+def _refuses_writes(exc: redis.ResponseError) -> bool:
+    return isinstance(exc, _REFUSALS) or bool(_REFUSAL_CODES.search(str(exc)))
 
 
 class RedisStore(BaseStore):
@@ -72,6 +83,14 @@ class RedisStore(BaseStore):
             metrics.STORE_ERRORS.labels("redis").inc()
             raise StoreUnavailable(f"Redis at {self._where()} is unreachable "
                                    f"({type(exc).__name__}: {exc})") from None
+        except redis.ResponseError as exc:
+            if not _refuses_writes(exc):
+                raise
+            metrics.STORE_ERRORS.labels("redis").inc()
+            raise StoreUnavailable(f"Redis at {self._where()} refuses writes "
+                                   f"({type(exc).__name__}: {exc}); free memory or raise its "
+                                   "maxmemory (OOM), fix its disk (MISCONF), or point REDIS_URL "
+                                   "at the primary (READONLY)") from None
 
     def _where(self) -> str:
         kwargs = self._redis.connection_pool.connection_kwargs
