@@ -390,7 +390,9 @@ class ZeroShotModel:
 
     def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
         image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
-                             draft_size=encoder.input_size, content_type=fetched.content_type)
+                             draft_size=encoder.input_size, content_type=fetched.content_type,
+                             max_bytes=self.settings.MAX_DECODE_BYTES,
+                             formats=self.settings.image_formats)
         return encoder.preprocess(image)
 
     def _predict_task(self, task: Task, embeddings: dict[str, Any], ctx: ProjectContext,

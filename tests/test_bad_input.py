@@ -20,6 +20,7 @@ from backend.server import create_app
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
 from .support.webhooks import CONFIG
+from .test_decode import zero_png
 
 ALLOWED = "127.0.0.3"  # the only address task URLs may reach in these tests
 
@@ -62,6 +63,8 @@ JPEG = encoded(photo(), "JPEG")
 SERVED: dict[str, tuple[Route, str | None]] = {
     # path: (what the server sends, expected error — None means a prediction)
     "/bomb.png": (Route(encoded(Image.new("1", (20_000, 20_000)), "PNG")), "exceeds MAX_IMAGE_PIXELS"),
+    "/deep.png": (Route(zero_png(4000, 4000, 16, 0)), "decodes to 32000000 bytes, over MAX_DECODE_BYTES"),
+    "/photo.tga": (Route(encoded(photo(), "TGA")), "accepted formats: IMAGE_FORMATS=JPEG,PNG,WEBP"),
     "/truncated.jpg": (Route(JPEG[: len(JPEG) // 2]), "corrupt or truncated JPEG"),
     "/corrupt.jpg": (Route(JPEG[:20] + bytes(range(256)) * 4), "corrupt or truncated JPEG"),
     "/page.jpg": (Route(b"<!DOCTYPE html><html><body>login</body></html>", content_type="text/html"),
@@ -113,7 +116,8 @@ def references(server: LoopbackServer) -> dict[str, tuple[object, str | None]]:
 def served(tiny_configs, tmp_path):
     settings = load_settings(
         MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none", IMAGE_URL_ALLOWLIST=ALLOWED,
-        MAX_IMAGE_BYTES=2_000_000, MAX_IMAGE_PIXELS=20_000_000, FETCH_TIMEOUT_S=3.0,
+        MAX_IMAGE_BYTES=2_000_000, MAX_IMAGE_PIXELS=20_000_000, MAX_DECODE_BYTES=16_000_000,
+        FETCH_TIMEOUT_S=3.0,
         MAX_REQUEST_BYTES=1_000_000, MAX_TASKS_PER_REQUEST=100,
         LOCAL_FILES_DOCUMENT_ROOT=tmp_path, LABEL_STUDIO_URL=f"http://{ALLOWED}:9")
     with BackendThread(create_app(settings)) as backend, LoopbackServer(ALLOWED) as images:

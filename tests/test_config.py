@@ -77,3 +77,10 @@ def test_env_example_and_readme_list_every_setting():
     readme = (repo / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name}` |" in readme, f"README's settings table lacks {name}"
+
+
+def test_image_formats_are_pillow_names_checked_at_start(monkeypatch):
+    assert load_settings(IMAGE_FORMATS=" jpeg, png ").image_formats == ("JPEG", "PNG")
+    monkeypatch.setenv("IMAGE_FORMATS", "JPEG,HEIC")
+    with pytest.raises(ConfigError, match="IMAGE_FORMATS.*unknown image format.*HEIC"):
+        load_settings()
