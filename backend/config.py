@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="How long the encoder waits to fill a batch from concurrent requests.",
     )
     DECODE_THREADS: int = Field(0, ge=0, description="Image decode threads; 0 = CPU count.")
+    MAX_PROMPTS_PER_CONFIG: int = Field(
+        100_000, gt=0,
+        description="Most prompts one label config may expand to (labels x predicted_values x "
+        "templates, plus model_prompts); /setup and /predict refuse a larger one with 422. "
+        "10,000 labels x the 80 'openai' templates would be 800,000.",
+    )
 
     # --- images ----------------------------------------------------------------------------
     FETCH_CONCURRENCY: int = Field(16, ge=1, le=256, description="Image downloads in flight.")

@@ -43,12 +43,12 @@ from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
 from .labelstudio import LabelStudioAccess, project_key
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
-from .prompts import plan_prompts, prompt_set_hash
+from .prompts import PromptPlan, check_prompt_count, plan_prompts, prompt_set_hash
 from .review import ReviewError, head_probabilities, project_view, review, selection
 from .scoring import Head, build_head, ensemble, label_logits, probabilities
 from .store import Store, Vector, embedding_key, open_store
 from .store.journal import Journal
-from .text_embeddings import TextEmbeddingCache
+from .text_embeddings import DEFAULT_MAX_PROMPTS, TextEmbeddingCache
 from .training import Trainer
 from .uncertainty import measures
 from .version_sync import VersionSync
@@ -62,6 +62,9 @@ LAZY_EMBEDDINGS_QUEUED = 1_000
 LAZY_EMBEDDINGS_IN_FLIGHT = 4
 """Images of corrected-but-never-predicted tasks embedded at once, in the background."""
 HEAD_CACHE_SIZE = 256
+PROMPTS_PER_CALL = 256
+"""Prompts encoded per inference-thread call while a head is built: image batches of other
+requests run between calls, so a large label set delays them by one call, not by all of it."""
 MAX_VERSIONS_KEPT = 100
 LOAD_WAIT_S = 90.0
 """How long /predict waits for a model still loading (Label Studio gives it 100 s)."""
@@ -112,7 +115,8 @@ class ZeroShotModel:
         self.status = ModelState()
         self.encoder: Encoder | None = encoder
         self.worker = InferenceWorker(self._max_batch(), settings.BATCH_WAIT_MS / 1000)
-        self.texts = TextEmbeddingCache()
+        # room for the largest config's prompts: a head never outgrows the cache
+        self.texts = TextEmbeddingCache(max(DEFAULT_MAX_PROMPTS, settings.MAX_PROMPTS_PER_CONFIG))
         self.fetcher = fetcher or ImageFetcher(settings)
         threads = settings.DECODE_THREADS or os.cpu_count() or 2
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",
@@ -222,7 +226,7 @@ class ZeroShotModel:
     def setup(self, label_config: str, project: Any = None, hostname: str | None = None,
               access_token: str | None = None) -> str:
         """Validate the config, remember how to reach Label Studio, return the model_version."""
-        parsed = parse_label_config(label_config)
+        parsed = self._parse(label_config)
         key = project_key(project)
         if key is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._remember_config, key, label_config)
@@ -272,7 +276,7 @@ class ZeroShotModel:
                       head: str | None = None) -> ProjectContext:
         """What predicting for this config and project needs; `head` pins a stored head
         (a pre-label job keeps the one it started with) instead of the active one."""
-        parsed = await asyncio.to_thread(parse_label_config, label_config)
+        parsed = await asyncio.to_thread(self._parse, label_config)
         encoder = await self.wait_ready()
         heads = [await self._head(space, encoder) for space in parsed.spaces]
         ls = self.label_studio(project)
@@ -285,6 +289,14 @@ class ZeroShotModel:
             active = await asyncio.to_thread(self.registry.head, key, head)
         return ProjectContext(parsed, tuple(heads), self.model_version(parsed, active), ls,
                               key, active)
+
+    def _parse(self, label_config: str) -> ParsedConfig:
+        """The parsed config, refused (422) if it expands to more than MAX_PROMPTS_PER_CONFIG
+        prompts."""
+        parsed = parse_label_config(label_config)
+        check_prompt_count(parsed.spaces, self.settings.TEMPLATES,
+                           self.settings.MAX_PROMPTS_PER_CONFIG)
+        return parsed
 
     def _remember_config(self, project: str, label_config: str) -> None:
         self._configs[project] = label_config
@@ -436,8 +448,7 @@ class ZeroShotModel:
             self._heads.move_to_end(key)
             return self._heads[key]
         if key not in self._building:  # concurrent requests for a new config share one build
-            self._building[key] = asyncio.ensure_future(
-                self.worker.call(self._build_head, space, encoder))
+            self._building[key] = asyncio.ensure_future(self._build_head(space, encoder))
         try:
             head = await asyncio.shield(self._building[key])
         finally:
@@ -447,11 +458,21 @@ class ZeroShotModel:
             self._heads.popitem(last=False)
         return head
 
-    def _build_head(self, space: LabelSpace, encoder: Encoder) -> Head:
-        """Runs on the inference thread: encodes missing prompts, ensembles each group."""
-        plan = plan_prompts(space, self.settings.TEMPLATES)
-        self.texts.fill(plan.texts, encoder.encode_texts)
-        groups = torch.stack([ensemble(self.texts.stack(group)) for group in plan.groups])
+    async def _build_head(self, space: LabelSpace, encoder: Encoder) -> Head:
+        """Encode the missing prompts on the inference thread, PROMPTS_PER_CALL per call (each
+        call queues behind the image work that arrived meanwhile), then ensemble each group."""
+        plan = await asyncio.to_thread(plan_prompts, space, self.settings.TEMPLATES)
+        absent = self.texts.missing(plan.texts)
+        for start in range(0, len(absent), PROMPTS_PER_CALL):
+            await self.worker.call(self.texts.add, absent[start:start + PROMPTS_PER_CALL],
+                                   encoder.encode_texts)
+        return await self.worker.call(self._assemble_head, space, plan, encoder)
+
+    def _assemble_head(self, space: LabelSpace, plan: PromptPlan, encoder: Encoder) -> Head:
+        """Runs on the inference thread: ensembles each group of the plan's prompt rows."""
+        rows = self.texts.lookup(plan.texts, encoder.encode_texts)
+        groups = torch.stack([ensemble(torch.stack([rows[text] for text in group]))
+                              for group in plan.groups])
         return build_head(groups, plan.group_label, space, encoder.family,
                           encoder.logit_scale, encoder.logit_bias)
 

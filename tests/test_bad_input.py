@@ -268,3 +268,17 @@ def test_overload_is_shed_quickly_with_503(tiny_configs):
             assert "MAX_PENDING_TASKS=3" in shed.json()["detail"]
         finally:
             first.join(30)
+
+
+def test_a_config_that_expands_to_too_many_prompts_is_refused_by_setup_and_predict(served):
+    backend, _ = served  # MAX_PROMPTS_PER_CONFIG=100,000: 2,000 labels x 80 templates is over
+    config = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i" '
+              'model_templates="openai">' + "".join(f'<Choice value="{i}"/>' for i in range(2_000))
+              + "</Choices></View>")
+    response = post(backend, "/setup", json={"project": "1.1", "schema": config})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "expands to 160000 prompts" in detail and "MAX_PROMPTS_PER_CONFIG=100000" in detail
+    response = post(backend, "/predict", json={"tasks": [{"id": 1, "data": {"i": "x"}}],
+                                               "label_config": config})
+    assert response.status_code == 422 and "MAX_PROMPTS_PER_CONFIG" in response.json()["detail"]
