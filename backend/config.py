@@ -207,6 +207,11 @@ class Settings(BaseSettings):
     MAX_REQUEST_BYTES: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest request body accepted, in bytes (413)."
     )
+    REQUEST_BODY_TIMEOUT_S: float = Field(
+        60.0, gt=0,
+        description="Time a client has to send a whole request body once its headers are in, "
+        "in seconds; a slower one gets 408 and its connection is closed.",
+    )
     MAX_TASKS_PER_REQUEST: int = Field(
         10_000, gt=0, description="Most tasks one /predict may carry (413 beyond)."
     )

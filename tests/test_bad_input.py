@@ -282,3 +282,41 @@ def test_a_config_that_expands_to_too_many_prompts_is_refused_by_setup_and_predi
     response = post(backend, "/predict", json={"tasks": [{"id": 1, "data": {"i": "x"}}],
                                                "label_config": config})
     assert response.status_code == 422 and "MAX_PROMPTS_PER_CONFIG" in response.json()["detail"]
+
+
+def test_a_client_that_trickles_its_body_gets_408_and_the_connection_closed(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             REQUEST_BODY_TIMEOUT_S=1.0)
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    closed = threading.Event()
+
+    def trickle(connection: socket.socket) -> None:
+        """A byte now and then, until the server hangs up: the body is never complete."""
+        while not closed.wait(0.1):
+            try:
+                connection.sendall(b" ")
+            except OSError:
+                return
+
+    with BackendThread(create_app(settings)) as backend:
+        host, port = backend.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as connection:
+            connection.sendall(head + b'{"tasks": [')
+            sender = threading.Thread(target=trickle, args=(connection,), daemon=True)
+            sender.start()
+            reply = b""
+            while chunk := connection.recv(65536):  # until the server closes the connection
+                reply += chunk
+            closed.set()
+            sender.join(10)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"REQUEST_BODY_TIMEOUT_S=1" in reply
+
+
+def test_a_body_sent_in_time_is_not_limited_afterwards(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             REQUEST_BODY_TIMEOUT_S=5.0)
+    with BackendThread(create_app(settings)) as backend:
+        response = post(backend, "/webhook", json={"action": "PROJECT_UPDATED"})
+    assert response.status_code == 200
