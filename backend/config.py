@@ -212,6 +212,11 @@ class Settings(BaseSettings):
         description="Time a client has to send a whole request body once its headers are in, "
         "in seconds; a slower one gets 408 and its connection is closed.",
     )
+    MAX_CORRECTION_BYTES: int = Field(
+        1024 * 1024, gt=0,
+        description="Largest annotation event kept in the corrections log, in bytes (its JSON); "
+        "a webhook carrying a larger one gets 413 and nothing of it is recorded.",
+    )
     MAX_TASKS_PER_REQUEST: int = Field(
         10_000, gt=0, description="Most tasks one /predict may carry (413 beyond)."
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from .encoder import Encoder, ModelSpec, load_encoder
 from .errors import (
     BackendError,
     ImageRefused,
+    LimitExceeded,
     ModelUnavailable,
     Overloaded,
     StoreUnavailable,
@@ -62,6 +64,9 @@ LAZY_EMBEDDINGS_QUEUED = 1_000
 LAZY_EMBEDDINGS_IN_FLIGHT = 4
 """Images of corrected-but-never-predicted tasks embedded at once, in the background."""
 HEAD_CACHE_SIZE = 256
+REMEMBERED_CONFIG_CHARS = 64 * 1024 * 1024
+"""Label-config text kept for projects (for Train and review exports), in characters: the
+least recently used projects' configs are forgotten beyond it (the newest is always kept)."""
 PROMPTS_PER_CALL = 256
 """Prompts encoded per inference-thread call while a head is built: image batches of other
 requests run between calls, so a large label set delays them by one call, not by all of it."""
@@ -301,7 +306,9 @@ class ZeroShotModel:
     def _remember_config(self, project: str, label_config: str) -> None:
         self._configs[project] = label_config
         self._configs.move_to_end(project)
-        while len(self._configs) > HEAD_CACHE_SIZE:
+        while len(self._configs) > 1 and (
+                len(self._configs) > HEAD_CACHE_SIZE
+                or sum(map(len, self._configs.values())) > REMEMBERED_CONFIG_CHARS):
             self._configs.popitem(last=False)
 
     async def _zero_shot_heads(self, label_config: str) -> tuple[ParsedConfig, tuple[Head, ...]]:
@@ -443,7 +450,9 @@ class ZeroShotModel:
         return task_prediction(outcomes, ctx.model_version)
 
     async def _head(self, space: LabelSpace, encoder: Encoder) -> Head:
-        key = space.fingerprint() + "\x00" + self.settings.TEMPLATES
+        # a digest: a fingerprint holds every label and prompt, megabytes for a large set
+        key = hashlib.sha256(f"{space.fingerprint()}\x00{self.settings.TEMPLATES}".encode(
+            "utf-8", "surrogatepass")).hexdigest()
         if key in self._heads:
             self._heads.move_to_end(key)
             return self._heads[key]
@@ -533,6 +542,7 @@ class ZeroShotModel:
         (in the store, or spooled) before this returns. Call it off the event loop."""
         metrics.WEBHOOKS.labels(event if event.isupper() and len(event) < 64 else "other").inc()
         entries = entries_from_webhook(data)
+        self._check_sizes(entries)
         self.journal.write(entries)
         corrections = sum(entry.kind == "annotation" for entry in entries)
         metrics.CORRECTIONS.inc(corrections)
@@ -551,6 +561,19 @@ class ZeroShotModel:
                 self._loop.call_soon_threadsafe(self._count_corrections, project, corrections,
                                                 config)
         return answer
+
+    def _check_sizes(self, entries: Sequence[Entry]) -> None:
+        """Refuse the whole event (before any of it is written) if one entry is over
+        MAX_CORRECTION_BYTES: the log keeps each entry whole, in the store and the spool."""
+        limit = self.settings.MAX_CORRECTION_BYTES
+        for entry in entries:
+            size = len(entry.to_json().encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise LimitExceeded(
+                    f"{entry.kind} {entry.data.get('annotation', entry.key)} of project "
+                    f"{entry.project} is {size} bytes as a log entry, over MAX_CORRECTION_BYTES="
+                    f"{limit}; nothing of this event was recorded. Raise MAX_CORRECTION_BYTES "
+                    "(results of other controls, e.g. brush masks, count too)")
 
     def _call_on_loop(self, fn: Any, *args: Any) -> Any:
         assert self._loop is not None

@@ -5,6 +5,7 @@ documented outcome — a per-task error naming the cause, or a 4xx naming the li
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from backend.server import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
-from .support.webhooks import CONFIG
+from .support.webhooks import CONFIG, annotation_event, choice_result
 from .test_decode import zero_png
 
 ALLOWED = "127.0.0.3"  # the only address task URLs may reach in these tests
@@ -117,7 +118,7 @@ def served(tiny_configs, tmp_path):
     settings = load_settings(
         MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none", IMAGE_URL_ALLOWLIST=ALLOWED,
         MAX_IMAGE_BYTES=2_000_000, MAX_IMAGE_PIXELS=20_000_000, MAX_DECODE_BYTES=16_000_000,
-        FETCH_TIMEOUT_S=3.0,
+        FETCH_TIMEOUT_S=3.0, MAX_CORRECTION_BYTES=100_000,
         MAX_REQUEST_BYTES=1_000_000, MAX_TASKS_PER_REQUEST=100,
         LOCAL_FILES_DOCUMENT_ROOT=tmp_path, LABEL_STUDIO_URL=f"http://{ALLOWED}:9")
     with BackendThread(create_app(settings)) as backend, LoopbackServer(ALLOWED) as images:
@@ -320,3 +321,18 @@ def test_a_body_sent_in_time_is_not_limited_afterwards(tiny_configs):
     with BackendThread(create_app(settings)) as backend:
         response = post(backend, "/webhook", json={"action": "PROJECT_UPDATED"})
     assert response.status_code == 200
+
+
+def test_an_annotation_over_the_correction_size_cap_is_refused_whole_and_says_why(served):
+    backend, _ = served
+    brush = {"from_name": "mask", "to_name": "image", "type": "brushlabels",
+             "value": {"rle": list(range(30_000))}}  # about 190 KB of JSON
+    event = annotation_event(7, 70, [*choice_result("Cat"), brush])
+    response = post(backend, "/webhook", json=event)
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "annotation 7 of project 4" in detail and "MAX_CORRECTION_BYTES=100000" in detail
+    assert post(backend, "/webhook", json=annotation_event(8, 80, choice_result("Cat"))
+                ).status_code == 200
+    rows = httpx.get(backend.url + "/export/corrections", params={"project": "4"}, timeout=30)
+    assert [json.loads(line)["annotation"] for line in rows.text.splitlines()] == ["8"]

@@ -45,3 +45,17 @@ def test_a_head_larger_than_the_text_cache_is_built_not_a_key_error(tiny_setting
 def test_the_text_cache_holds_at_least_the_largest_config_allowed(tiny_settings):
     settings = tiny_settings.model_copy(update={"MAX_PROMPTS_PER_CONFIG": 900_000})
     assert ZeroShotModel(settings).texts.max_prompts >= 900_000
+
+
+def test_label_configs_remembered_for_projects_are_bounded_in_total_size(tiny_settings,
+                                                                         monkeypatch):
+    """256 projects' configs of up to 64 MiB each were kept: about 16 GiB at worst."""
+    from backend import model as model_module
+
+    monkeypatch.setattr(model_module, "REMEMBERED_CONFIG_CHARS", 30_000, raising=False)
+    model = ZeroShotModel(tiny_settings)
+    for project in ("1", "2", "3", "4"):
+        model._remember_config(project, CONFIG + " " * 10_001)
+    assert list(model._configs) == ["3", "4"]  # the oldest forgotten, not all 256 kept
+    model._remember_config("5", CONFIG + " " * 60_000)
+    assert list(model._configs) == ["5"]  # the newest is always kept
