@@ -213,7 +213,7 @@ class Settings(BaseSettings):
         "in seconds; a slower one gets 408 and its connection is closed.",
     )
     MAX_CORRECTION_BYTES: int = Field(
-        1024 * 1024, gt=0,
+        4 * 1024 * 1024, gt=0,
         description="Largest annotation event kept in the corrections log, in bytes (its JSON); "
         "a webhook carrying a larger one gets 413 and nothing of it is recorded.",
     )
