@@ -55,6 +55,8 @@ from .store.dead_letters import DeadLetters, read_letters, replay
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 75
+MAX_HEADER_BYTES = 16 * 1024
+"""Request line and headers one connection may send before uvicorn (h11) refuses it."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -351,6 +353,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=60,
         # longer than the Retry-After of a shed request, so the retry finds its connection open
         timeout_keep_alive=KEEP_ALIVE_S,
+        # bodies have REQUEST_BODY_TIMEOUT_S (middleware.BodyDeadline); headers a size cap
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     return 0
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,6 +70,12 @@ class Settings(BaseSettings):
         description="How long the encoder waits to fill a batch from concurrent requests.",
     )
     DECODE_THREADS: int = Field(0, ge=0, description="Image decode threads; 0 = CPU count.")
+    MAX_PROMPTS_PER_CONFIG: int = Field(
+        100_000, gt=0,
+        description="Most prompts one label config may expand to (labels x predicted_values x "
+        "templates, plus model_prompts); /setup and /predict refuse a larger one with 422. "
+        "10,000 labels x the 80 'openai' templates would be 800,000.",
+    )
 
     # --- images ----------------------------------------------------------------------------
     FETCH_CONCURRENCY: int = Field(16, ge=1, le=256, description="Image downloads in flight.")
@@ -81,6 +88,18 @@ class Settings(BaseSettings):
     )
     MAX_IMAGE_PIXELS: int = Field(
         100_000_000, gt=0, description="Largest image accepted (width x height) before decoding."
+    )
+    MAX_DECODE_BYTES: int = Field(
+        256 * 1024 * 1024, gt=0,
+        description="Most memory one decoded image may take, in bytes (width x height x bytes "
+        "per pixel as Pillow holds it: 1 for 8-bit gray and palette, 2 for 16-bit gray, 4 for "
+        "RGB, RGBA and float), checked before decoding; JPEGs count at the reduced size they "
+        "are decoded at. Up to DECODE_THREADS images decode at once.",
+    )
+    IMAGE_FORMATS: str = Field(
+        "JPEG,PNG,WEBP,GIF,BMP,TIFF",
+        description="Image formats (Pillow names, comma-separated) that are decoded; any other "
+        "is refused per task. JPEG includes multi-picture phone photos (MPO).",
     )
     IMAGE_URL_ALLOWLIST: str = Field(
         "",
@@ -194,6 +213,16 @@ class Settings(BaseSettings):
     MAX_REQUEST_BYTES: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest request body accepted, in bytes (413)."
     )
+    REQUEST_BODY_TIMEOUT_S: float = Field(
+        60.0, gt=0,
+        description="Time a client has to send a whole request body once its headers are in, "
+        "in seconds; a slower one gets 408 and its connection is closed.",
+    )
+    MAX_CORRECTION_BYTES: int = Field(
+        4 * 1024 * 1024, gt=0,
+        description="Largest annotation event kept in the corrections log, in bytes (its JSON); "
+        "a webhook carrying a larger one gets 413 and nothing of it is recorded.",
+    )
     MAX_TASKS_PER_REQUEST: int = Field(
         10_000, gt=0, description="Most tasks one /predict may carry (413 beyond)."
     )
@@ -251,6 +280,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r}: list hosts, IPs or CIDR ranges, not URLs")
         return value
 
+    @field_validator("IMAGE_FORMATS")
+    @classmethod
+    def _check_formats(cls, value: str) -> str:
+        Image.init()
+        names = [part.strip().upper() for part in value.split(",") if part.strip()]
+        unknown = [name for name in names if name not in Image.OPEN]
+        if not names or unknown:
+            raise ValueError(f"unknown image format(s) {', '.join(unknown) or value!r}; "
+                             f"choose from {', '.join(sorted(Image.OPEN))}")
+        return ",".join(names)
+
     @field_validator("REDIS_URL")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -301,6 +341,11 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return self.BASIC_AUTH_USER is not None
+
+    @property
+    def image_formats(self) -> tuple[str, ...]:
+        """IMAGE_FORMATS as Pillow format names."""
+        return tuple(self.IMAGE_FORMATS.split(","))
 
 
 _SECRET_FIELDS = frozenset({"LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"})

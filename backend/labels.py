@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Literal
 
 from label_studio_sdk.label_interface.interface import LabelInterface
@@ -33,6 +34,8 @@ SUPPORTED = (
 )
 MAX_LABELS = 10_000
 MAX_PROMPT_CHARS = 1_000
+PARSED_CACHE_SIZE = 256
+"""Parsed configs kept, keyed by the config's SHA-256: never the text (up to MAX_REQUEST_BYTES)."""
 
 Kind = Literal["choices", "taxonomy"]
 Scoring = Literal["softmax", "sigmoid"]
@@ -96,13 +99,28 @@ class ParsedConfig:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+_parsed: OrderedDict[bytes, ParsedConfig] = OrderedDict()
+_parsed_lock = threading.Lock()
+
+
 def parse_label_config(config: str) -> ParsedConfig:
     """Parse a Label Studio label config; raise LabelConfigError if nothing is predictable."""
-    return _parse_cached(config)
+    if not isinstance(config, str):
+        return _parse(config)
+    key = hashlib.sha256(config.encode("utf-8", "surrogatepass")).digest()
+    with _parsed_lock:
+        if key in _parsed:
+            _parsed.move_to_end(key)
+            return _parsed[key]
+    parsed = _parse(config)
+    with _parsed_lock:
+        _parsed[key] = parsed
+        while len(_parsed) > PARSED_CACHE_SIZE:
+            _parsed.popitem(last=False)
+    return parsed
 
 
-@lru_cache(maxsize=256)
-def _parse_cached(config: str) -> ParsedConfig:
+def _parse(config: str) -> ParsedConfig:
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError(f"The label config is empty. Supported: {SUPPORTED}.")
     try:

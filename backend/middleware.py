@@ -1,16 +1,20 @@
 """HTTP middleware: who may call (Basic auth, the webhook secret), what every request costs
-(Prometheus), and the request id its log lines carry (`logs.py`)."""
+(Prometheus), the request id its log lines carry (`logs.py`), and how long a client may take
+to send its body (REQUEST_BODY_TIMEOUT_S)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .config import Settings
@@ -45,13 +49,15 @@ def exposure(settings: Settings, host: str, port: int) -> str | None:
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
-    """Auth outermost, then the metrics of what got through. (The body size limit is
-    FastAPI's own `max_body_size`: bodies are counted as they are read, and one that declares
-    or reaches too many bytes is refused without being buffered; a body that declares its
-    size too large gets Starlette's plain "Content Too Large".)"""
+    """The body deadline outermost (it answers before auth reads a byte), then auth, then
+    the metrics of what got through. (The body size limit is FastAPI's own `max_body_size`:
+    bodies are counted as they are read, and one that declares or reaches too many bytes is
+    refused without being buffered; a body that declares its size too large gets Starlette's
+    plain "Content Too Large".)"""
     app.middleware("http")(_observe)
     if settings.auth_enabled or settings.WEBHOOK_SECRET:
         app.middleware("http")(_authenticate(settings))
+    app.add_middleware(BodyDeadline, seconds=settings.REQUEST_BODY_TIMEOUT_S)
     # added last, so outermost: even a refused request gets an id, and every line logged
     # while serving it carries that id
     app.add_middleware(RequestIdMiddleware)
@@ -60,6 +66,74 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
 def too_large(max_bytes: int) -> JSONResponse:
     return JSONResponse({"detail": f"request body over MAX_REQUEST_BYTES={max_bytes}; send "
                                    "fewer tasks per request or raise the limit"}, 413)
+
+
+class BodyDeadline:
+    """A request's whole body must arrive within `seconds` of its headers, or the client gets
+    a 408 and its connection is closed: one that trickles a body (a byte now and then) would
+    otherwise hold its connection and its handler forever. uvicorn has no such limit.
+
+    The 408 is sent from here and the app is told the client left (`http.disconnect`), so it
+    stops reading; whatever it answers after that is dropped."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = _BodyClock(asyncio.get_running_loop().time() + self.seconds)
+
+        async def receive_in_time() -> Message:
+            if body.timed_out:
+                return {"type": "http.disconnect"}
+            if body.complete:  # the body is in: waits for a disconnect are not limited
+                return await receive()
+            remaining = body.deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except TimeoutError:
+                await self._refuse(body, send)
+                return {"type": "http.disconnect"}
+            body.complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        async def send_unless_refused(message: Message) -> None:
+            if body.timed_out:
+                return
+            body.started = body.started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_in_time, send_unless_refused)
+        except Exception:
+            if not body.timed_out:  # else: the app failing to read the rest is expected
+                raise
+
+    async def _refuse(self, body: _BodyClock, send: Send) -> None:
+        body.timed_out = True
+        if body.started:
+            return
+        response = JSONResponse({"detail": body_timeout(self.seconds)}, 408,
+                                headers={"Connection": "close"})
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+@dataclass
+class _BodyClock:
+    deadline: float
+    complete: bool = False
+    started: bool = False
+    timed_out: bool = False
+
+
+def body_timeout(seconds: float) -> str:
+    return (f"the request body did not arrive within REQUEST_BODY_TIMEOUT_S={seconds:g} s; "
+            "send it at once (or raise the limit for very slow links)")
 
 
 async def _observe(request: Request, call_next: Handler) -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from .encoder import Encoder, ModelSpec, load_encoder
 from .errors import (
     BackendError,
     ImageRefused,
+    LimitExceeded,
     ModelUnavailable,
     Overloaded,
     StoreUnavailable,
@@ -43,12 +45,12 @@ from .images import Fetched, ImageFetcher
 from .labels import LabelSpace, ParsedConfig, parse_label_config
 from .labelstudio import LabelStudioAccess, project_key
 from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
-from .prompts import plan_prompts, prompt_set_hash
+from .prompts import PromptPlan, check_prompt_count, plan_prompts, prompt_set_hash
 from .review import ReviewError, head_probabilities, project_view, review, selection
 from .scoring import Head, build_head, ensemble, label_logits, probabilities
 from .store import Store, Vector, embedding_key, open_store
 from .store.journal import Journal
-from .text_embeddings import TextEmbeddingCache
+from .text_embeddings import DEFAULT_MAX_PROMPTS, TextEmbeddingCache
 from .training import Trainer
 from .uncertainty import measures
 from .version_sync import VersionSync
@@ -62,6 +64,12 @@ LAZY_EMBEDDINGS_QUEUED = 1_000
 LAZY_EMBEDDINGS_IN_FLIGHT = 4
 """Images of corrected-but-never-predicted tasks embedded at once, in the background."""
 HEAD_CACHE_SIZE = 256
+REMEMBERED_CONFIG_CHARS = 64 * 1024 * 1024
+"""Label-config text kept for projects (for Train and review exports), in characters: the
+least recently used projects' configs are forgotten beyond it (the newest is always kept)."""
+PROMPTS_PER_CALL = 256
+"""Prompts encoded per inference-thread call while a head is built: image batches of other
+requests run between calls, so a large label set delays them by one call, not by all of it."""
 MAX_VERSIONS_KEPT = 100
 LOAD_WAIT_S = 90.0
 """How long /predict waits for a model still loading (Label Studio gives it 100 s)."""
@@ -112,7 +120,8 @@ class ZeroShotModel:
         self.status = ModelState()
         self.encoder: Encoder | None = encoder
         self.worker = InferenceWorker(self._max_batch(), settings.BATCH_WAIT_MS / 1000)
-        self.texts = TextEmbeddingCache()
+        # room for the largest config's prompts: a head never outgrows the cache
+        self.texts = TextEmbeddingCache(max(DEFAULT_MAX_PROMPTS, settings.MAX_PROMPTS_PER_CONFIG))
         self.fetcher = fetcher or ImageFetcher(settings)
         threads = settings.DECODE_THREADS or os.cpu_count() or 2
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",
@@ -224,7 +233,7 @@ class ZeroShotModel:
     def setup(self, label_config: str, project: Any = None, hostname: str | None = None,
               access_token: str | None = None) -> str:
         """Validate the config, remember how to reach Label Studio, return the model_version."""
-        parsed = parse_label_config(label_config)
+        parsed = self._parse(label_config)
         key = project_key(project)
         if key is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._remember_config, key, label_config)
@@ -284,7 +293,7 @@ class ZeroShotModel:
                       head: str | None = None) -> ProjectContext:
         """What predicting for this config and project needs; `head` pins a stored head
         (a pre-label job keeps the one it started with) instead of the active one."""
-        parsed = await asyncio.to_thread(parse_label_config, label_config)
+        parsed = await asyncio.to_thread(self._parse, label_config)
         encoder = await self.wait_ready()
         heads = [await self._head(space, encoder) for space in parsed.spaces]
         ls = self.label_studio(project)
@@ -298,10 +307,20 @@ class ZeroShotModel:
         return ProjectContext(parsed, tuple(heads), self.model_version(parsed, active), ls,
                               key, active)
 
+    def _parse(self, label_config: str) -> ParsedConfig:
+        """The parsed config, refused (422) if it expands to more than MAX_PROMPTS_PER_CONFIG
+        prompts."""
+        parsed = parse_label_config(label_config)
+        check_prompt_count(parsed.spaces, self.settings.TEMPLATES,
+                           self.settings.MAX_PROMPTS_PER_CONFIG)
+        return parsed
+
     def _remember_config(self, project: str, label_config: str) -> None:
         self._configs[project] = label_config
         self._configs.move_to_end(project)
-        while len(self._configs) > HEAD_CACHE_SIZE:
+        while len(self._configs) > 1 and (
+                len(self._configs) > HEAD_CACHE_SIZE
+                or sum(map(len, self._configs.values())) > REMEMBERED_CONFIG_CHARS):
             self._configs.popitem(last=False)
 
     async def _zero_shot_heads(self, label_config: str) -> tuple[ParsedConfig, tuple[Head, ...]]:
@@ -402,7 +421,9 @@ class ZeroShotModel:
 
     def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
         image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
-                             draft_size=encoder.input_size, content_type=fetched.content_type)
+                             draft_size=encoder.input_size, content_type=fetched.content_type,
+                             max_bytes=self.settings.MAX_DECODE_BYTES,
+                             formats=self.settings.image_formats)
         return encoder.preprocess(image)
 
     def _predict_task(self, task: Task, embeddings: dict[str, Any], ctx: ProjectContext,
@@ -441,13 +462,14 @@ class ZeroShotModel:
         return task_prediction(outcomes, ctx.model_version)
 
     async def _head(self, space: LabelSpace, encoder: Encoder) -> Head:
-        key = space.fingerprint() + "\x00" + self.settings.TEMPLATES
+        # a digest: a fingerprint holds every label and prompt, megabytes for a large set
+        key = hashlib.sha256(f"{space.fingerprint()}\x00{self.settings.TEMPLATES}".encode(
+            "utf-8", "surrogatepass")).hexdigest()
         if key in self._heads:
             self._heads.move_to_end(key)
             return self._heads[key]
         if key not in self._building:  # concurrent requests for a new config share one build
-            self._building[key] = asyncio.ensure_future(
-                self.worker.call(self._build_head, space, encoder))
+            self._building[key] = asyncio.ensure_future(self._build_head(space, encoder))
         try:
             head = await asyncio.shield(self._building[key])
         finally:
@@ -457,11 +479,21 @@ class ZeroShotModel:
             self._heads.popitem(last=False)
         return head
 
-    def _build_head(self, space: LabelSpace, encoder: Encoder) -> Head:
-        """Runs on the inference thread: encodes missing prompts, ensembles each group."""
-        plan = plan_prompts(space, self.settings.TEMPLATES)
-        self.texts.fill(plan.texts, encoder.encode_texts)
-        groups = torch.stack([ensemble(self.texts.stack(group)) for group in plan.groups])
+    async def _build_head(self, space: LabelSpace, encoder: Encoder) -> Head:
+        """Encode the missing prompts on the inference thread, PROMPTS_PER_CALL per call (each
+        call queues behind the image work that arrived meanwhile), then ensemble each group."""
+        plan = await asyncio.to_thread(plan_prompts, space, self.settings.TEMPLATES)
+        absent = self.texts.missing(plan.texts)
+        for start in range(0, len(absent), PROMPTS_PER_CALL):
+            await self.worker.call(self.texts.add, absent[start:start + PROMPTS_PER_CALL],
+                                   encoder.encode_texts)
+        return await self.worker.call(self._assemble_head, space, plan, encoder)
+
+    def _assemble_head(self, space: LabelSpace, plan: PromptPlan, encoder: Encoder) -> Head:
+        """Runs on the inference thread: ensembles each group of the plan's prompt rows."""
+        rows = self.texts.lookup(plan.texts, encoder.encode_texts)
+        groups = torch.stack([ensemble(torch.stack([rows[text] for text in group]))
+                              for group in plan.groups])
         return build_head(groups, plan.group_label, space, encoder.family,
                           encoder.logit_scale, encoder.logit_bias)
 
@@ -522,6 +554,7 @@ class ZeroShotModel:
         (in the store, or spooled) before this returns. Call it off the event loop."""
         metrics.WEBHOOKS.labels(metrics.webhook_action(event)).inc()
         entries = entries_from_webhook(data)
+        self._check_sizes(entries)
         self.journal.write(entries)
         corrections = sum(entry.kind == "annotation" for entry in entries)
         metrics.CORRECTIONS.inc(corrections)
@@ -540,6 +573,19 @@ class ZeroShotModel:
                 self._loop.call_soon_threadsafe(self._count_corrections, project, corrections,
                                                 config)
         return answer
+
+    def _check_sizes(self, entries: Sequence[Entry]) -> None:
+        """Refuse the whole event (before any of it is written) if one entry is over
+        MAX_CORRECTION_BYTES: the log keeps each entry whole, in the store and the spool."""
+        limit = self.settings.MAX_CORRECTION_BYTES
+        for entry in entries:
+            size = len(entry.to_json().encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise LimitExceeded(
+                    f"{entry.kind} {entry.data.get('annotation', entry.key)} of project "
+                    f"{entry.project} is {size} bytes as a log entry, over MAX_CORRECTION_BYTES="
+                    f"{limit}; nothing of this event was recorded. Raise MAX_CORRECTION_BYTES "
+                    "(results of other controls, e.g. brush masks, count too)")
 
     def _call_on_loop(self, fn: Any, *args: Any) -> Any:
         assert self._loop is not None

@@ -13,6 +13,7 @@ How groups combine into one label score is the control's `pooling` (see scoring.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -76,6 +77,30 @@ def plan_prompts(space: LabelSpace, default_templates: str) -> PromptPlan:
             groups.append((prompt,))
             owners.append(index)
     return PromptPlan(tuple(groups), tuple(owners))
+
+
+def prompt_count(spaces: Sequence[LabelSpace], default_templates: str) -> int:
+    """Prompts the spaces expand to (names x templates + verbatim prompts), counted without
+    building them."""
+    total = 0
+    for space in spaces:
+        templates = len(resolve_templates(space.templates or default_templates))
+        total += sum(len(label.names) * templates + len(label.prompts) for label in space.labels)
+    return total
+
+
+def check_prompt_count(spaces: Sequence[LabelSpace], default_templates: str, limit: int) -> None:
+    """Refuse a config that expands to more than `limit` prompts (MAX_PROMPTS_PER_CONFIG):
+    encoding them would hold the inference thread for minutes to hours."""
+    count = prompt_count(spaces, default_templates)
+    if count > limit:
+        raise LabelConfigError(
+            f"The label config expands to {count} prompts (labels x predicted_values x "
+            f"templates, plus model_prompts); the limit is MAX_PROMPTS_PER_CONFIG={limit}. "
+            "Use fewer labels or predicted_values, a smaller template set "
+            "(model_templates=\"simple\" or \"photo\" on the control, or TEMPLATES), or raise "
+            "MAX_PROMPTS_PER_CONFIG."
+        )
 
 
 def prompt_set_hash(plans: list[PromptPlan], spaces: tuple[LabelSpace, ...]) -> str:

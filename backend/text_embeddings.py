@@ -16,6 +16,7 @@ import torch
 from . import metrics
 
 DEFAULT_MAX_PROMPTS = 500_000
+Encode = Callable[[Sequence[str]], torch.Tensor]
 
 
 class TextEmbeddingCache:
@@ -37,19 +38,36 @@ class TextEmbeddingCache:
         metrics.TEXT_CACHE.labels("hit").inc(len(set(texts)) - len(absent))
         return absent
 
-    def fill(self, texts: Sequence[str], encode: Callable[[Sequence[str]], torch.Tensor]) -> None:
+    def fill(self, texts: Sequence[str], encode: Encode) -> None:
         """Encode the prompts among `texts` not cached yet (call on the inference thread)."""
-        absent = self.missing(texts)
+        self.add(self.missing(texts), encode)
+
+    def add(self, texts: Sequence[str], encode: Encode) -> dict[str, torch.Tensor]:
+        """Encode those of `texts` still not cached (another build may have added some since
+        they were found missing) and cache them; return their rows. Inference thread only."""
+        with self._lock:
+            absent = [text for text in dict.fromkeys(texts) if text not in self._rows]
         if not absent:
-            return
-        rows = encode(absent)
+            return {}
+        rows = dict(zip(absent, encode(absent)))
         self.encoded += len(absent)
         metrics.PROMPTS_ENCODED.inc(len(absent))
         with self._lock:
-            for text, row in zip(absent, rows):
-                self._rows[text] = row
+            self._rows.update(rows)
             while len(self._rows) > self.max_prompts:
                 self._rows.popitem(last=False)
+        return rows
+
+    def lookup(self, texts: Sequence[str], encode: Encode) -> dict[str, torch.Tensor]:
+        """Every one of `texts` → its row, encoding any that were evicted since they were
+        added: a head is built from what this returns, never from the cache after eviction
+        (a plan larger than the cache once ended in KeyError). Inference thread only."""
+        with self._lock:
+            found = {text: self._rows[text] for text in dict.fromkeys(texts) if text in self._rows}
+            for text in found:
+                self._rows.move_to_end(text)
+        found.update(self.add([text for text in texts if text not in found], encode))
+        return found
 
     def stack(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D) embeddings; every text must have been filled."""

@@ -5,6 +5,7 @@ documented outcome — a per-task error naming the cause, or a 4xx naming the li
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 from pathlib import Path
@@ -19,7 +20,8 @@ from backend.server import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
-from .support.webhooks import CONFIG, annotation_event
+from .support.webhooks import CONFIG, annotation_event, choice_result
+from .test_decode import zero_png
 
 ALLOWED = "127.0.0.3"  # the only address task URLs may reach in these tests
 
@@ -62,6 +64,8 @@ JPEG = encoded(photo(), "JPEG")
 SERVED: dict[str, tuple[Route, str | None]] = {
     # path: (what the server sends, expected error — None means a prediction)
     "/bomb.png": (Route(encoded(Image.new("1", (20_000, 20_000)), "PNG")), "exceeds MAX_IMAGE_PIXELS"),
+    "/deep.png": (Route(zero_png(4000, 4000, 16, 0)), "decodes to 32000000 bytes, over MAX_DECODE_BYTES"),
+    "/photo.tga": (Route(encoded(photo(), "TGA")), "accepted formats: IMAGE_FORMATS=JPEG,PNG,WEBP"),
     "/truncated.jpg": (Route(JPEG[: len(JPEG) // 2]), "corrupt or truncated JPEG"),
     "/corrupt.jpg": (Route(JPEG[:20] + bytes(range(256)) * 4), "corrupt or truncated JPEG"),
     "/page.jpg": (Route(b"<!DOCTYPE html><html><body>login</body></html>", content_type="text/html"),
@@ -113,7 +117,8 @@ def references(server: LoopbackServer) -> dict[str, tuple[object, str | None]]:
 def served(tiny_configs, tmp_path):
     settings = load_settings(
         MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none", IMAGE_URL_ALLOWLIST=ALLOWED,
-        MAX_IMAGE_BYTES=2_000_000, MAX_IMAGE_PIXELS=20_000_000, FETCH_TIMEOUT_S=3.0,
+        MAX_IMAGE_BYTES=2_000_000, MAX_IMAGE_PIXELS=20_000_000, MAX_DECODE_BYTES=16_000_000,
+        FETCH_TIMEOUT_S=3.0, MAX_CORRECTION_BYTES=100_000,
         MAX_REQUEST_BYTES=1_000_000, MAX_TASKS_PER_REQUEST=100,
         LOCAL_FILES_DOCUMENT_ROOT=tmp_path, LABEL_STUDIO_URL=f"http://{ALLOWED}:9")
     with BackendThread(create_app(settings)) as backend, LoopbackServer(ALLOWED) as images:
@@ -293,3 +298,70 @@ def test_overload_is_shed_quickly_with_503(tiny_configs):
             assert "MAX_PENDING_TASKS=3" in shed.json()["detail"]
         finally:
             first.join(30)
+
+
+def test_a_config_that_expands_to_too_many_prompts_is_refused_by_setup_and_predict(served):
+    backend, _ = served  # MAX_PROMPTS_PER_CONFIG=100,000: 2,000 labels x 80 templates is over
+    config = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i" '
+              'model_templates="openai">' + "".join(f'<Choice value="{i}"/>' for i in range(2_000))
+              + "</Choices></View>")
+    response = post(backend, "/setup", json={"project": "1.1", "schema": config})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "expands to 160000 prompts" in detail and "MAX_PROMPTS_PER_CONFIG=100000" in detail
+    response = post(backend, "/predict", json={"tasks": [{"id": 1, "data": {"i": "x"}}],
+                                               "label_config": config})
+    assert response.status_code == 422 and "MAX_PROMPTS_PER_CONFIG" in response.json()["detail"]
+
+
+def test_a_client_that_trickles_its_body_gets_408_and_the_connection_closed(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             REQUEST_BODY_TIMEOUT_S=1.0)
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    closed = threading.Event()
+
+    def trickle(connection: socket.socket) -> None:
+        """A byte now and then, until the server hangs up: the body is never complete."""
+        while not closed.wait(0.1):
+            try:
+                connection.sendall(b" ")
+            except OSError:
+                return
+
+    with BackendThread(create_app(settings)) as backend:
+        host, port = backend.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as connection:
+            connection.sendall(head + b'{"tasks": [')
+            sender = threading.Thread(target=trickle, args=(connection,), daemon=True)
+            sender.start()
+            reply = b""
+            while chunk := connection.recv(65536):  # until the server closes the connection
+                reply += chunk
+            closed.set()
+            sender.join(10)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"REQUEST_BODY_TIMEOUT_S=1" in reply
+
+
+def test_a_body_sent_in_time_is_not_limited_afterwards(tiny_configs):
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none",
+                             REQUEST_BODY_TIMEOUT_S=5.0)
+    with BackendThread(create_app(settings)) as backend:
+        response = post(backend, "/webhook", json={"action": "PROJECT_UPDATED"})
+    assert response.status_code == 200
+
+
+def test_an_annotation_over_the_correction_size_cap_is_refused_whole_and_says_why(served):
+    backend, _ = served
+    brush = {"from_name": "mask", "to_name": "image", "type": "brushlabels",
+             "value": {"rle": list(range(30_000))}}  # about 190 KB of JSON
+    event = annotation_event(7, 70, [*choice_result("Cat"), brush])
+    response = post(backend, "/webhook", json=event)
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "annotation 7 of project 4" in detail and "MAX_CORRECTION_BYTES=100000" in detail
+    assert post(backend, "/webhook", json=annotation_event(8, 80, choice_result("Cat"))
+                ).status_code == 200
+    rows = httpx.get(backend.url + "/export/corrections", params={"project": "4"}, timeout=30)
+    assert [json.loads(line)["annotation"] for line in rows.text.splitlines()] == ["8"]

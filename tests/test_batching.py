@@ -127,3 +127,51 @@ def test_the_inference_thread_and_the_threads_it_starts_yield_the_cpu_to_the_eve
     finally:
         worker.stop(5)
     assert niceness() == caller  # the caller's own priority is untouched
+
+
+def test_a_large_label_set_is_encoded_in_calls_that_other_requests_images_run_between(
+        tiny_settings):
+    """One /setup with many prompts must not hold the inference thread for all of them: an
+    image queued while the first part is encoded runs before the next part."""
+    from PIL import Image
+
+    from backend.model import PROMPTS_PER_CALL, ZeroShotModel
+
+    labels = "".join(f'<Choice value="label {i}"/>' for i in range(2 * PROMPTS_PER_CALL + 1))
+    config = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i" '
+              f'model_templates="photo">{labels}</Choices></View>')
+    order: list[str] = []
+
+    async def run():
+        model = ZeroShotModel(tiny_settings)
+        model.start()
+        encoder = await model.wait_ready()
+        loop = asyncio.get_running_loop()
+        first_part, release = asyncio.Event(), threading.Event()
+        encode_texts, encode_images = encoder.encode_texts, encoder.encode_images
+
+        def texts(prompts):
+            order.append("texts")
+            if len(order) == 1:
+                loop.call_soon_threadsafe(first_part.set)
+                release.wait(60)
+            return encode_texts(prompts)
+
+        def images(pixels):
+            order.append("images")
+            return encode_images(pixels)
+
+        encoder.encode_texts = texts
+        try:
+            setup = asyncio.ensure_future(model.context(config))
+            await first_part.wait()  # the inference thread is encoding the first part
+            image = asyncio.ensure_future(
+                model.worker.encode(images, encoder.preprocess(Image.new("RGB", (32, 32)))))
+            await asyncio.sleep(0)  # a yield, not a wait: the image job is queued now
+            release.set()
+            await asyncio.gather(setup, image)
+        finally:
+            await model.aclose()
+
+    asyncio.run(run())
+    assert order == ["texts", "images", "texts", "texts"]

@@ -88,3 +88,10 @@ def test_an_api_key_without_label_studio_url_is_refused(monkeypatch):
     assert "secret-key-value" not in str(caught.value)
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://label-studio:8080")
     assert load_settings().LABEL_STUDIO_API_KEY == "secret-key-value"
+
+
+def test_image_formats_are_pillow_names_checked_at_start(monkeypatch):
+    assert load_settings(IMAGE_FORMATS=" jpeg, png ").image_formats == ("JPEG", "PNG")
+    monkeypatch.setenv("IMAGE_FORMATS", "JPEG,HEIC")
+    with pytest.raises(ConfigError, match="IMAGE_FORMATS.*unknown image format.*HEIC"):
+        load_settings()

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +122,106 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(bomb) < 100_000
     with pytest.raises(DecodeError, match="exceeds MAX_IMAGE_PIXELS"):
         decode_image(bomb, max_pixels=LIMIT)
+
+
+# --- small files that decode to a lot of memory (issue 13, item 4) --------------------------
+def zero_png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG of zeros written row by row: a few hundred KB on disk whatever its size decoded,
+    and built without ever holding the decoded image."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = b"\x00" * (1 + width * channels * bit_depth // 8)
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def float_tiff(width: int, height: int) -> bytes:
+    values = np.zeros((height, width), dtype=np.float32)
+    values[:, : width // 2] = 1.0
+    return encode(Image.fromarray(values, mode="F"), "TIFF", compression="tiff_adobe_deflate")
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from backend.decode import decode_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = decode_image(data, max_pixels=10**9, draft_size=224, max_bytes=10**9)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(image.mode, image.size[0], image.size[1], (after - before) * 1024)
+"""
+
+
+def decode_peak(data: bytes, tmp_path) -> tuple[str, int]:
+    """Decode in a fresh process; the mode and the peak memory the decode added, in bytes."""
+    path = tmp_path / "image.bin"
+    path.write_bytes(data)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0], int(out[3])
+
+
+@pytest.mark.parametrize(("name", "make", "held"), [
+    ("16-bit gray PNG", lambda: zero_png(4000, 4000, 16, 0), 4000 * 4000 * 2),
+    ("RGBA PNG", lambda: zero_png(4000, 4000, 8, 6), 4000 * 4000 * 4),
+    ("float TIFF", lambda: float_tiff(4000, 4000), 4000 * 4000 * 4),
+])
+def test_small_files_that_decode_large_stay_within_the_decoded_size(name, make, held, tmp_path):
+    data = make()
+    assert len(data) < held // 50, f"{name}: the test file should be small on disk"
+    mode, peak = decode_peak(data, tmp_path)
+    assert mode == "RGB"
+    # what Pillow holds, plus working copies of the reduced image: no full-resolution
+    # float64 arrays or RGBA copies (before: 5 to 13 times the decoded size)
+    assert peak < 1.5 * held + 16 * 2**20, f"{name}: decoding took {peak / 2**20:.0f} MiB"
+
+
+def test_decoded_size_over_the_byte_budget_is_refused_before_decoding():
+    data = zero_png(4000, 4000, 16, 0)
+    with pytest.raises(DecodeError, match="MAX_DECODE_BYTES=1000000") as caught:
+        decode_image(data, max_pixels=LIMIT, max_bytes=1_000_000)
+    assert "4000x4000 I;16 PNG decodes to 32000000 bytes" in str(caught.value)
+
+
+def test_a_jpeg_counts_at_the_size_it_is_drafted_to():
+    data = encode(left_red_right_blue(2048, 1024), "JPEG", quality=90)
+    budget = 2048 * 1024 * 4 // 8  # the full-size decode would be 8 times this
+    assert min(decode_image(data, max_pixels=LIMIT, draft_size=224, max_bytes=budget).size) >= 224
+    with pytest.raises(DecodeError, match="MAX_DECODE_BYTES"):
+        decode_image(data, max_pixels=LIMIT, max_bytes=budget)
+
+
+def test_formats_outside_the_allowed_list_are_refused_by_name():
+    psd_like = encode(left_red_right_blue(), "PNG")
+    with pytest.raises(DecodeError, match=r"a PNG image, a format not accepted here: "
+                                          r"IMAGE_FORMATS=JPEG,WEBP \(add PNG"):
+        decode_image(psd_like, max_pixels=LIMIT, formats=("JPEG", "WEBP"))
+    tga = encode(left_red_right_blue(), "TGA")  # opens without the list: 43 formats do
+    assert decode_image(tga, max_pixels=LIMIT).size == (64, 32)
+    with pytest.raises(DecodeError, match="accepted formats: IMAGE_FORMATS=JPEG,PNG"):
+        decode_image(tga, max_pixels=LIMIT, formats=("JPEG", "PNG"))
+
+
+def test_exif_orientation_is_applied_after_reducing():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(left_red_right_blue(1600, 800), "PNG", exif=exif)
+    image = decode_image(data, max_pixels=LIMIT, draft_size=100)
+    assert image.size == (200, 400)  # reduced by 4, then turned upright
+    assert image.getpixel((100, 3))[0] > 200 and image.getpixel((100, 396))[2] > 200
+
+
+def test_palette_and_sixteen_bit_images_are_reduced_without_mixing_values():
+    palette = Image.new("P", (1000, 1000), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image = decode_image(encode(palette, "PNG"), max_pixels=LIMIT, draft_size=100)
+    assert image.size == (200, 200) and image.getpixel((10, 10)) == (255, 0, 0)

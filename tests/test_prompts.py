@@ -49,3 +49,24 @@ def test_prompt_hash_tracks_templates_and_labels():
     assert base == prompt_set_hash([plan_prompts(space, "simple")], (space,))
     assert base != prompt_set_hash([plan_prompts(space, "openai")], (space,))
     assert len(base) == 8
+
+
+def test_prompt_count_is_what_the_plan_holds_counted_without_building_it():
+    from backend.prompts import prompt_count
+
+    space = space_of('<Choice value="Dog" predicted_values="dog,puppy" model_prompts="a dog|hound"/>'
+                     '<Choice value="Cat"/>')
+    plan = plan_prompts(space, "simple")
+    assert prompt_count([space], "simple") == sum(len(group) for group in plan.groups) == 3 * 7 + 2
+
+
+def test_a_config_over_the_prompt_limit_is_refused_with_the_count_the_limit_and_the_fix():
+    from backend.prompts import check_prompt_count
+
+    space = space_of("".join(f'<Choice value="l{i}"/>' for i in range(100)), 'model_templates="openai"')
+    check_prompt_count([space], "simple", 8_000)  # 100 x 80 = 8,000: at the limit is fine
+    with pytest.raises(LabelConfigError) as caught:
+        check_prompt_count([space], "simple", 7_999)
+    message = str(caught.value)
+    assert "expands to 8000 prompts" in message and "MAX_PROMPTS_PER_CONFIG=7999" in message
+    assert 'model_templates="simple"' in message
