@@ -65,6 +65,8 @@ RECORD_FIELDS = ("project", "task", "annotation", "model_version", "ground_truth
 TRAILER = "_export"
 """Key of a streamed export's last record: `{"_export": {"complete": true, "rows": N}}` (in CSV,
 the same JSON on a last line that starts with `# `); `complete: false` and `error` on failure."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may read as the start of a formula (OWASP, CSV injection)."""
 CHANGED = frozenset({"changed", "added", "removed"})
 COMPARED = ("accepted", "changed", "removed")
 """Statuses of rows where the model proposed something and the annotator did not skip."""
@@ -223,7 +225,16 @@ def _csv_line(cells: Sequence[str]) -> bytes:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return spreadsheet_safe(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell as OWASP advises against CSV injection: one starting with = + - @, tab or
+    carriage return gets a leading apostrophe, so a spreadsheet shows it instead of running
+    it. (Numbers, lists and the like are written as JSON and left alone.)"""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def comment_line(value: Any) -> str:

