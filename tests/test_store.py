@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import redis
 
 from backend.errors import StoreUnavailable
 from backend.feedback import entries_from_webhook, prediction_entry
-from backend.store import embedding_key, ref_key
+from backend.store import BULK_READ, embedding_key, ref_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
 
@@ -94,6 +95,19 @@ def test_projects_are_separate_and_order_is_kept(store):
     assert [e["annotation"] for e in store.events()] == [str(i) for i in range(60)]
     assert {r["project"] for r in store.corrections("2")} == {"2"}
     assert len(list(store.corrections("2"))) == 30 and len(list(store.corrections())) == 60
+
+
+def test_large_reads_go_on_from_another_thread(store):
+    """A streamed HTTP export reads its first rows on one worker thread and its later batches
+    on others: every row must still arrive (the SQLite reader was bound to its first thread)."""
+    count = BULK_READ + 100
+    for i in range(count):
+        store.apply(created(i, i, "Dog"))
+    for read in (store.events, store.corrections):
+        rows = read()
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(next, rows).result()
+        assert len([first, *rows]) == count
 
 
 def test_embeddings_by_content_and_by_reference(store):

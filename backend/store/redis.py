@@ -132,9 +132,9 @@ class RedisStore(BaseStore):
     def corrections(self, project: str | None = None) -> Iterator[Record]:
         index = self.keys.corrections(project) if project else self.keys.corrections_all()
         annotations = self._call(self._redis.zrange, index, 0, -1)
-        for start in range(0, len(annotations), 500):
+        for start in range(0, len(annotations), BULK_READ):
             pipe = self._redis.pipeline(transaction=False)
-            for annotation in annotations[start:start + 500]:
+            for annotation in annotations[start:start + BULK_READ]:
                 pipe.hmget(self.keys.correction(annotation.decode()), "record", "deleted_at")
             for record, deleted_at in self._call(pipe.execute):
                 if record is not None:

@@ -128,31 +128,45 @@ class SqliteStore(BaseStore):
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
 
-    def _scan(self, sql: str, args: tuple[object, ...] = ()) -> Iterator[tuple[object, ...]]:
-        """Stream a large read on a connection of its own: WAL lets it run beside the writer,
-        so an export never holds up a webhook, and rows arrive in batches, not all at once."""
+    def _read_apart(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """One short read on a connection of its own, opened, used and closed in this call (so
+        on one thread, whichever runs it): WAL lets it run beside the writer, so an export never
+        holds up a webhook, and no read transaction outlives the call."""
         try:
             reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                return reader.execute(sql, args).fetchall()
+            finally:
+                reader.close()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
-        try:
-            cursor = reader.execute(sql, args)
-            while batch := cursor.fetchmany(500):
-                yield from batch
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
-        finally:
-            reader.close()
+
+    def _keyed(self, keys: list[object], sql: str,
+               args: tuple[object, ...] = ()) -> Iterator[tuple[object, ...]]:
+        """Large reads, in batches: the rows of `keys` (listed by one earlier read), in that
+        order, BULK_READ per short read; `sql` selects the key first and has `{keys}` where the
+        list of keys goes. A generator: each batch is read when the consumer gets to it, on the
+        consumer's thread at that moment. Each key gives its row as it is then, at most once
+        (one deleted meanwhile is left out)."""
+        for start in range(0, len(keys), BULK_READ):
+            batch = keys[start:start + BULK_READ]
+            rows = self._read_apart(sql.format(keys=", ".join("?" * len(batch))),
+                                    (*args, *batch))
+            found = {row[0]: row[1:] for row in rows}
+            yield from (found[key] for key in batch if key in found)
 
     def events(self) -> Iterator[Record]:
-        for (event,) in self._scan("SELECT event FROM log ORDER BY seq"):
+        seqs = [seq for (seq,) in self._read_apart("SELECT seq FROM log ORDER BY seq")]
+        for (event,) in self._keyed(seqs, "SELECT seq, event FROM log WHERE seq IN ({keys})"):
             yield json.loads(str(event))
 
     def corrections(self, project: str | None = None) -> Iterator[Record]:
         where, args = ("", ()) if project is None else ("WHERE project = ?", (project,))
-        for record, deleted_at in self._scan(
-                f"SELECT record, deleted_at FROM corrections {where} "
-                "ORDER BY updated_ts, annotation", args):
+        annotations = [annotation for (annotation,) in self._read_apart(
+            f"SELECT annotation FROM corrections {where} ORDER BY updated_ts, annotation", args)]
+        for record, deleted_at in self._keyed(
+                annotations, "SELECT annotation, record, deleted_at FROM corrections "
+                "WHERE annotation IN ({keys})"):
             yield {**json.loads(str(record)), "deleted_at": deleted_at}
 
     def prediction(self, project: str, task: str) -> Record | None:
@@ -181,8 +195,10 @@ class SqliteStore(BaseStore):
         self._write([("INSERT OR REPLACE INTO active_heads VALUES (?, ?)", (project, head))])
 
     def predictions(self, project: str) -> Iterator[Record]:
-        for (record,) in self._scan("SELECT record FROM predictions WHERE project = ? "
-                                    "ORDER BY task", (project,)):
+        tasks = [task for (task,) in self._read_apart(
+            "SELECT task FROM predictions WHERE project = ? ORDER BY task", (project,))]
+        for (record,) in self._keyed(tasks, "SELECT task, record FROM predictions "
+                                     "WHERE project = ? AND task IN ({keys})", (project,)):
             yield json.loads(str(record))
 
     def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
