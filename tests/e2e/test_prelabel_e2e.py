@@ -132,7 +132,8 @@ def annotate_and_export(client, backend: BackendProcess, project: int, tasks: li
 
     def export(**params) -> list[dict]:
         response = httpx.get(backend.url + "/export/corrections", timeout=30,
-                             params={"format": "jsonl", "project": project, **params})
+                             params={"format": "jsonl", "project": project,
+                                     "trailer": "false", **params})
         assert response.status_code == 200, response.text
         return [json.loads(line) for line in response.text.splitlines() if line]
 
