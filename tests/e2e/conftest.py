@@ -13,10 +13,16 @@ from tests.e2e.label_studio import (
 )
 from tests.support.session_resources import build_before_tests, prebuilt
 
+STARTUP_TIMEOUT_S = 900.0
+"""Label Studio's start (migrations) took 280 s with two cores shared by a dozen processes,
+against the harness's default of 300 s; it runs before the tests, so waiting longer costs
+nothing when all is well."""
+
 
 def _start(stack: ExitStack) -> tuple[LabelStudioServer, LabelStudioClient]:
     keep_files = os.environ.get("LS_E2E_KEEP_FILES") == "1"
-    server = stack.enter_context(LabelStudioServer(keep_files=keep_files))
+    server = stack.enter_context(
+        LabelStudioServer(keep_files=keep_files, startup_timeout=STARTUP_TIMEOUT_S))
     return server, stack.enter_context(LabelStudioClient.for_server(server))
 
 
