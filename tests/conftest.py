@@ -69,9 +69,9 @@ def tiny_settings(tiny_configs: dict[str, Path], tmp_path: Path) -> Settings:
 
 
 def _micro_clip(stack: ExitStack):  # type: ignore[no-untyped-def]
-    from .support.microclip import ensure_micro_clip  # imports torch: only when needed
+    from .support.microclip_cache import ensure_usable_micro_clip  # imports torch: when needed
 
-    return ensure_micro_clip(TESTBED_CACHE, family="clip")
+    return ensure_usable_micro_clip(TESTBED_CACHE, family="clip")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from .support import microclip
 from .support.microclip import MicroClip, Recipe, ensure_micro_clip, load_micro_clip
+from .support.microclip_cache import cache_problem, ensure_usable_micro_clip
 
 # The real recipe trains for minutes; this one takes seconds and runs the same code.
 TINY = Recipe(pool_per_pair=1, off_palette_per_shape=1, steps=1, batch_size=4, text_width=64)
@@ -41,7 +42,7 @@ def load_state(mc: MicroClip) -> State:
 
 
 def usable(mc: MicroClip) -> bool:
-    return microclip._is_valid(mc, microclip.model_config("clip", TINY))
+    return cache_problem(mc) is None
 
 
 def without_a_tensor(state: State) -> State:
@@ -84,7 +85,7 @@ def test_a_config_of_another_recipe_is_not_accepted(cache: MicroClip) -> None:
 def test_an_unusable_cache_is_trained_again(trained: MicroClip, cache: MicroClip) -> None:
     torch.save(without_a_tensor(load_state(cache)), cache.checkpoint_path)
 
-    again = ensure_micro_clip(cache.checkpoint_path.parent, "clip")
+    again = ensure_usable_micro_clip(cache.checkpoint_path.parent, "clip")
 
     assert again == cache
     load_micro_clip(again)  # what every test using the testbed does
