@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from backend.config import Settings, load_settings
 from .support.http_server import LoopbackServer
 from .support.network_guard import install_loopback_only_guard
 from .support.redis_server import RedisServer
+from .support.session_resources import build_before_tests, close_prebuilt, prebuilt
 from .support.tiny_models import write_config
 
 # Before a test module imports huggingface_hub (it reads this once), and before any test runs:
@@ -66,12 +68,26 @@ def tiny_settings(tiny_configs: dict[str, Path], tmp_path: Path) -> Settings:
                          MODEL_DIR=tmp_path / "model-dir")
 
 
-@pytest.fixture(scope="session")
-def micro_clip():  # type: ignore[no-untyped-def]
-    """The micro CLIP trained on synthetic colour × shape images (cached between runs)."""
-    from .support.microclip import ensure_micro_clip
+def _micro_clip(stack: ExitStack):  # type: ignore[no-untyped-def]
+    from .support.microclip_cache import ensure_usable_micro_clip  # imports torch: when needed
 
-    return ensure_micro_clip(TESTBED_CACHE, family="clip")
+    return ensure_usable_micro_clip(TESTBED_CACHE, family="clip")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Training takes minutes on a busy machine: before the tests, outside their timeouts.
+    build_before_tests(session, "micro_clip", f"micro-CLIP testbed ({TESTBED_CACHE})", _micro_clip)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    close_prebuilt(session.config)
+
+
+@pytest.fixture(scope="session")
+def micro_clip(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The micro CLIP trained on synthetic colour × shape images (cached between runs), built
+    before the first test (tests/support/session_resources.py)."""
+    return prebuilt(request.config, "micro_clip", _micro_clip)
 
 
 @pytest.fixture

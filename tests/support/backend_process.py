@@ -52,6 +52,11 @@ class BackendProcess:
         self._process.send_signal(signal.SIGTERM)
         return self._process.wait(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer ends it: no shutdown, nothing flushed."""
+        self._process.kill()
+        self._process.wait(30)
+
     def __exit__(self, *exc: object) -> None:
         self._process.terminate()
         try:
