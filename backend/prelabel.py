@@ -30,7 +30,7 @@ import httpx
 
 from . import metrics
 from .config import Settings
-from .errors import BackendError, ConfigError, LabelStudioError, Overloaded
+from .errors import BackendError, ConfigError, LabelStudioError, Overloaded, StoreUnavailable
 from .labelstudio import LabelStudioAPI
 from .netguard import GuardedTransport
 from .store import ZERO_SHOT
@@ -236,6 +236,7 @@ class Prelabeler:
 
     # --- planning --------------------------------------------------------------------------
     async def _plan_and_run(self, spec: JobSpec, executor: Executor) -> dict[str, Any]:
+        error: str | None = None
         try:
             if executor == "rq":
                 from .worker import enqueuer
@@ -246,11 +247,27 @@ class Prelabeler:
                 await self._plan_locally(spec)
         except Exception as exc:
             log.exception("pre-label job %s failed", spec.id)
-            await _off(self.ledger.update, spec.id, spec.project, {
-                "error": str(exc) or type(exc).__name__, "updated_at": time.time()})
+            error = str(exc) or type(exc).__name__
         finally:
+            await self._end_planning(spec, error)
+        with contextlib.suppress(StoreUnavailable):
+            return await _off(self.status, spec.id)
+        return {"id": spec.id, "project": spec.project, "status": "unknown",
+                "error": "the store is unavailable: GET /prelabel/{id} once it is back"}
+
+    async def _end_planning(self, spec: JobSpec, error: str | None) -> None:
+        """Record how planning ended and free the planner claim. With the store down this is
+        skipped, not raised: the claim expires by itself (PLANNER_TTL_S), and the job then
+        reports `interrupted` and can be resumed."""
+        try:
+            if error is not None:
+                await _off(self.ledger.update, spec.id, spec.project, {
+                    "error": error, "updated_at": time.time()})
             await _off(self.ledger.release, spec.id, [PLANNER], self.owner)
-        return await _off(self.status, spec.id)
+        except StoreUnavailable as exc:
+            log.warning("pre-label job %s: could not record its end (%s); its planner claim "
+                        "expires within %.0f s, then POST /prelabel resumes it", spec.id, exc,
+                        PLANNER_TTL_S)
 
     async def _plan_locally(self, spec: JobSpec) -> None:
         items: asyncio.Queue[list[Task] | None] = asyncio.Queue(self.settings.PRELABEL_PARALLEL)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -106,3 +107,18 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
 
     with pytest.raises(LabelStudioError, match="cloud metadata address: refused even as a Label"):
         asyncio.run(read_project())
+
+
+def test_a_job_ending_while_the_store_is_down_is_logged_not_raised(tiny_settings, caplog):
+    """The planner claim is released best-effort: it expires by itself, and an unhandled
+    StoreUnavailable here used to surface as "Task exception was never retrieved"."""
+    from backend.prelabel import PLANNER_TTL_S, JobSpec, Prelabeler
+    from backend.store.jobs import open_ledger
+    from backend.store.redis import RedisStore
+
+    down = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)  # nothing listens
+    jobs = Prelabeler(None, open_ledger(down), tiny_settings)  # type: ignore[arg-type]
+    spec = JobSpec(id="3-abc", project="3", model_version="v", label_config="", head="zero-shot")
+    state = asyncio.run(jobs._plan_and_run(spec, "local"))
+    assert state["status"] == "unknown" and "store is unavailable" in state["error"]
+    assert f"expires within {PLANNER_TTL_S:.0f} s" in caplog.text
