@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,10 @@ def _stopped(signum: int, frame: object) -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    unwritable = _unwritable(settings)
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
     workers = args.workers or settings.WORKERS
     # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is over (in-flight
     # requests answered, model.aclose() done): that ends a planned stop with status 0, not as
@@ -301,6 +306,27 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
+
+
+def _unwritable(settings: Settings) -> str | None:
+    """Why serve could not write its state or weights cache, naming the fix; None if it can.
+
+    The usual cause: a host directory owned by root bind-mounted at the image's /data, which
+    runs as uid 10001."""
+    for name in ("MODEL_DIR", "MODEL_CACHE_DIR"):
+        path: Path | None = getattr(settings, name)
+        if path is None:
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            return (f"{name} {path} is not writable by this process (uid {os.getuid()}, gid "
+                    f"{os.getgid()}): {exc.strerror or exc}. Make it writable for that user "
+                    "(Docker image: `chown -R 10001:10001 <host directory>` for a directory "
+                    f"mounted at /data), or set {name} to a writable directory")
+    return None
 
 
 def _store_command(settings: Settings, args: argparse.Namespace) -> int:
