@@ -150,21 +150,28 @@ pip_setting() {  # a value of the host's pip configuration (environment first), 
 
 LOCAL_WHEELS=()
 LOCAL_INDEXES=()
-choose_torch() {  # a torch wheel among the local ones, for the base's Python: +cpu for cpu
-    local variant=$1 python names version minor
+local_wheels() {  # local_wheels PROJECT PYTHON: the wheel file names found for a project
+    local dir
+    { for dir in "${LOCAL_WHEELS[@]}"; do ls "$dir"; done
+      for dir in "${LOCAL_INDEXES[@]}"; do cat "$dir/$1/index.html" 2>/dev/null; done
+    } | grep -o "$1-[0-9][^/\"#<]*-$2-$2-[^\"#<]*x86_64\.whl" | cut -d- -f2 | sort -uV || true
+}
+
+choose_torch() {  # torch and torchvision among the local wheels, for the base's Python
+    local variant=$1 python torch vision
     python=$(docker run --rm "$BASE" python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-    names=$( { for dir in "${LOCAL_WHEELS[@]}"; do ls "$dir"; done
-               for dir in "${LOCAL_INDEXES[@]}"; do cat "$dir/torch/index.html" 2>/dev/null; done
-             } | grep -o "torch-[0-9][^/\"#<]*-$python-$python-[^\"#<]*x86_64\.whl" | sort -u || true)
-    if [ "$variant" = cpu ]; then names=$(echo "$names" | grep '+cpu' || true)
-    else names=$(echo "$names" | grep -v '+cpu' || true); fi
-    version=$(echo "$names" | cut -d- -f2 | sort -V | tail -1)  # 2.13.0+cpu
-    [ -n "$version" ] || return 0
-    minor=$(echo "$version" | cut -d. -f2)
-    # torchvision 0.(N+15) goes with torch 2.N
+    # CPU: +cpu builds of both, or else CUDA builds (they run on a CPU too, at ~3 GB more): a
+    # CPU torch with PyPI's torchvision fails at import (its ops need libtorch_cuda)
+    torch=$(local_wheels torch "$python" | { grep '+cpu' || true; } | tail -1)
+    vision=$(local_wheels torchvision "$python" | { grep '+cpu' || true; } | tail -1)
+    if [ "$variant" = gpu ] || [ -z "$torch" ] || [ -z "$vision" ]; then
+        torch=$(local_wheels torch "$python" | { grep -v '+cpu' || true; } | tail -1)
+        vision=$(local_wheels torchvision "$python" | { grep -v '+cpu' || true; } | tail -1)
+    fi
+    [ -n "$torch" ] && [ -n "$vision" ] || return 0
     BUILD_ARGS+=(--build-arg TORCH_INDEX_URL=
-                 --build-arg "TORCH_PACKAGES=torch==$version torchvision==0.$((minor + 15)).*")
-    echo "torch: $version from this machine's wheels (PyTorch's index is not needed)"
+                 --build-arg "TORCH_PACKAGES=torch==$torch torchvision==$vision")
+    echo "torch: $torch, torchvision $vision from this machine's wheels (PyTorch's index is not needed)"
 }
 
 pass_through_build_args() {
