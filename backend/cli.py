@@ -278,7 +278,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _stopped(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    """SIGTERM before uvicorn took it over, or re-raised by uvicorn after its graceful shutdown
+    (the store and model are closed by then): exit 0 now. The interpreter's own teardown
+    (collecting torch's objects) would take seconds more, past `docker stop`'s patience."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:

@@ -55,3 +55,42 @@ def test_unwritable_checks_each_directory_and_passes_writable_ones(tmp_path: Pat
     bad = unwritable_directories(tmp_path)[0]
     message = _unwritable(load_settings(**{**writable, name: bad}))
     assert message is not None and message.startswith(f"{name} {bad} is not writable")
+
+
+def test_sigterm_after_graceful_shutdown_exits_0_without_the_interpreter_teardown(tmp_path: Path):
+    """The teardown (collecting torch's objects) took 3-4 s in the image, past `docker stop`'s
+    patience: once uvicorn's graceful shutdown is over the process leaves with os._exit(0).
+    An atexit hook stands for the teardown: it must not run."""
+    import signal
+    import time
+
+    import httpx
+
+    sys.path.insert(0, str(REPO / "tests" / "support"))
+    from tiny_models import write_config
+
+    hook = tmp_path / "sitecustomize.py"
+    hook.write_text("import atexit\natexit.register(lambda: print('TEARDOWN RAN', flush=True))\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "PORT": str(port),
+           "MODEL_DIR": str(tmp_path / "model-dir"), "REDIS_URL": "",
+           "MODEL_CONFIG": str(write_config(tmp_path / "tiny")), "MODEL_PRETRAINED": "none"}
+    process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, output[-2000:]
+    assert "Application shutdown complete" in output
+    assert "TEARDOWN RAN" not in output
