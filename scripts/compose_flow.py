@@ -132,7 +132,11 @@ def flow(ls: LabelStudio, stack: Stack) -> None:
     step("annotate two tasks, each correcting its prediction")
     for task in tasks[:2]:
         annotate(ls, task, corrected(predicted[task["id"]]))
-    until("two corrections in Redis", lambda: stack.counts()[1] >= before[1] + 2)
+    try:
+        until("two corrections in Redis", lambda: stack.counts()[1] >= before[1] + 2)
+    except SystemExit:
+        print("   Label Studio's webhooks:", ls.call("GET", f"/api/webhooks/?project={pid}"))
+        raise
     logged = stack.counts()
     print(f"   Redis: {LOG} XLEN {logged[0]}, {CORRECTIONS} ZCARD {logged[1]}")
     restart_redis(ls, stack, tasks[2], predicted[tasks[2]["id"]], logged)
