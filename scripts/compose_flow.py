@@ -119,6 +119,12 @@ def flow(ls: LabelStudio, stack: Stack) -> None:
     print(f"   ML backend {backend['id']}: state {state}")
     if state != "CO":
         raise SystemExit(f"Label Studio could not connect the backend (state {state})")
+    hooks = ls.call("GET", f"/api/webhooks/?project={pid}")
+    print(f"   Label Studio's webhooks for the project: {[hook['url'] for hook in hooks]}")
+    if not hooks:  # seen with the PyPI stand-in: none made with the ML backend; add it
+        ls.call("POST", "/api/webhooks/", {"project": pid, "url": "http://backend:9090/webhook",
+                                           "send_payload": True, "send_for_all_actions": True})
+        print("   added http://backend:9090/webhook")
     step("retrieve predictions")
     ls.call("POST", f"/api/dm/actions/?id=retrieve_tasks_predictions&project={pid}",
             {"selectedItems": {"all": True, "excluded": []}})
