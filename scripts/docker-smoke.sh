@@ -6,8 +6,10 @@
 #
 # image    builds the CPU image (docker/Dockerfile) and checks: the container becomes healthy
 #          (readiness); a root-owned bind mount at /data is refused with the chown fix named;
-#          /predict works with a tiny model mounted into /data; `docker stop` exits 0 within
-#          2 s at several moments after start; it runs as uid:gid 10001:10001; layer sizes.
+#          /predict works with a tiny model mounted into /data; PID 1 is the image's init
+#          (tini), and a server killed by the forwarded SIGTERM counts as a clean stop;
+#          `docker stop` exits 0 within 2 s at several moments after start, from 0 s (no
+#          --init); it runs as uid:gid 10001:10001; layer sizes.
 # gpu      builds the GPU image (no GPU needed to build); with DEVICE=cuda it is also run on
 #          this machine's GPU (`--gpus all`) until /ready answers.
 # compose  builds stand-ins for the registry images (Label Studio from PyPI, Redis from Debian)
@@ -268,12 +270,25 @@ check_predict() {
     echo "runs as: $ids"
     [[ $ids == "uid=10001(app) gid=10001(app)"* ]] || fail "expected uid and gid 10001: $ids"
     docker exec smoke-backend stat -c '/data owned by %u:%g' /data/model-dir
+    local init; init=$(docker exec smoke-backend cat /proc/1/cmdline | tr '\0' ' ')
+    echo "PID 1: $init"
+    [[ $init == "/usr/bin/tini -e 143 -- python -m backend serve"* ]] \
+        || fail "PID 1 should be the image's init, tini, running the server: $init"
     local port; port=$(docker port smoke-backend 9090/tcp | head -1 | sed 's/.*://')
     python3 scripts/docker_predict.py "http://127.0.0.1:$port" || fail "/predict"
 }
 
+check_init_status() {  # tini -e 143: killed by SIGTERM is a clean stop, other statuses stay
+    say "the init's exit status: a command killed by SIGTERM, a command that fails"
+    local killed failed
+    killed=$(docker run --rm "$IMAGE_CPU" sh -c 'kill -TERM $$' >/dev/null 2>&1; echo $?)
+    failed=$(docker run --rm "$IMAGE_CPU" sh -c 'exit 3' >/dev/null 2>&1; echo $?)
+    echo "killed by SIGTERM: exit $killed (143 mapped to 0); exit 3: exit $failed"
+    [ "$killed" = 0 ] && [ "$failed" = 3 ] || fail "tini -e 143: expected 0 and 3"
+}
+
 check_stop() {  # docker stop at moments after start: status 0 within 2 s
-    say "docker stop at moments after start (no --init): exit status and latency"
+    say "docker stop at moments after start (docker run without --init): exit status and latency"
     local delay started took code
     for delay in 0 0.5 1 2 3 5 ready; do
         run_backend smoke-stop
@@ -295,6 +310,7 @@ image_smoke() {
     tiny_model_dir
     check_root_owned_data
     check_predict
+    check_init_status
     check_stop
 }
 

@@ -160,6 +160,24 @@ def test_runtime_runs_unprivileged_serves_and_checks_its_health():
     assert "PRELOAD_MODEL=false" in [args for op, args in stage("runtime") if op == "ARG"]
 
 
+def test_an_init_is_pid_1_after_the_cached_dependency_layers():
+    runtime = stage("runtime")
+    # tini forwards SIGTERM even before Python's handler exists; -e 143: killed by it is a
+    # clean stop (status 0). In the runtime stage, so the CPU and the GPU image both get it.
+    assert json.loads(dict(runtime)["ENTRYPOINT"]) == ["/usr/bin/tini", "-e", "143", "--"]
+    assert json.loads(dict(runtime)["CMD"]) == ["python", "-m", "backend", "serve"]
+    ops = [(op, args) for op, args in runtime if op in ("RUN", "COPY")]
+    tini = next(i for i, (op, args) in enumerate(ops) if "install" in args and " tini" in args)
+    assert "--no-install-recommends tini" in ops[tini][1]
+    assert ops[tini][1].startswith("if [ ! -x /usr/bin/tini ]")  # a base with tini: no apt-get
+    dependencies = next(i for i, (op, args) in enumerate(ops)
+                        if op == "RUN" and "pip install --no-cache-dir ." in args)
+    code = next(i for i, (op, args) in enumerate(ops) if op == "COPY" and "backend" in args)
+    assert dependencies < tini < code
+    # nothing that changes with the docs or the code is copied before the dependency layer
+    assert [args for op, args in ops[:dependencies] if op == "COPY"] == ["pyproject.toml ./"]
+
+
 def test_weights_and_state_are_cached_under_the_volume():
     env = " ".join(args for op, args in stage("runtime") if op == "ENV")
     for name in ("MODEL_DIR", "MODEL_CACHE_DIR", "HF_HOME"):
