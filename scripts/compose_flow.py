@@ -3,9 +3,11 @@
     python3 scripts/compose_flow.py --label-studio http://127.0.0.1:8080 --token KEY \
         --compose "docker compose -p NAME -f docker/compose.yaml -f docker/compose.smoke.yaml"
 
-In Label Studio: a project, the backend connected by its service name (http://backend:9090),
-predictions retrieved, annotations that correct them, and the corrections log in Redis
-(read with redis-cli in the redis container). Then Redis is restarted, and stopped while one
+In Label Studio: a project, the backend connected by its name on the Compose network
+(http://backend.labelstudio.internal:9090, the alias docker/compose.yaml gives the backend
+service: Label Studio refuses a webhook URL whose hostname has no dot), predictions
+retrieved, annotations that correct them, and the corrections log in Redis (read with
+redis-cli in the redis container). Then Redis is restarted, and stopped while one
 more annotation is made: nothing is lost. Standard library only; exit 0 when all held.
 """
 
@@ -29,6 +31,7 @@ CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toNam
           '<Choice value="red"/><Choice value="green"/><Choice value="blue"/></Choices></View>')
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 LOG, CORRECTIONS = "clip-backend:log", "clip-backend:corrections"
+BACKEND_URL = "http://backend.labelstudio.internal:9090"
 
 
 def png(rgb: tuple[int, int, int], size: int = 16) -> str:
@@ -112,19 +115,17 @@ def flow(ls: LabelStudio, stack: Stack) -> None:
     pid = project["id"]
     ls.call("POST", f"/api/projects/{pid}/import?return_task_ids=true",
             [{"data": {"image": png(rgb)}} for rgb in COLOURS.values()])
-    step("connect the backend by its service name: http://backend:9090")
-    backend = ls.call("POST", "/api/ml/", {"url": "http://backend:9090", "project": pid,
-                                           "title": "clip"})
+    step(f"connect the backend by its name on the Compose network: {BACKEND_URL}")
+    backend = ls.call("POST", "/api/ml/", {"url": BACKEND_URL, "project": pid, "title": "clip"})
     state = ls.call("GET", f"/api/ml/{backend['id']}")["state"]
     print(f"   ML backend {backend['id']}: state {state}")
     if state != "CO":
         raise SystemExit(f"Label Studio could not connect the backend (state {state})")
-    hooks = ls.call("GET", f"/api/webhooks/?project={pid}")
-    print(f"   Label Studio's webhooks for the project: {[hook['url'] for hook in hooks]}")
-    if not hooks:  # seen with the PyPI stand-in: none made with the ML backend; add it
-        ls.call("POST", "/api/webhooks/", {"project": pid, "url": "http://backend:9090/webhook",
-                                           "send_payload": True, "send_for_all_actions": True})
-        print("   added http://backend:9090/webhook")
+    hooks = [hook["url"] for hook in ls.call("GET", f"/api/webhooks/?project={pid}")]
+    print(f"   Label Studio's webhooks for the project: {hooks}")
+    if f"{BACKEND_URL}/webhook" not in hooks:  # annotations would never reach the backend
+        raise SystemExit(f"Label Studio made no webhook {BACKEND_URL}/webhook with the ML "
+                         "backend: corrections cannot reach it (its log says why)")
     step("retrieve predictions")
     ls.call("POST", f"/api/dm/actions/?id=retrieve_tasks_predictions&project={pid}",
             {"selectedItems": {"all": True, "excluded": []}})

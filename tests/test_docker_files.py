@@ -216,7 +216,7 @@ def test_all_services_share_one_network_and_named_volumes():
     networks = set(spec["networks"])
     assert len(networks) == 1
     for name, service in spec["services"].items():
-        assert service["networks"] == list(networks), name
+        assert list(service["networks"]) == list(networks), name
         for volume in service.get("volumes", []):
             assert volume.split(":")[0] in spec["volumes"], f"{name}: {volume}"
 
@@ -249,6 +249,38 @@ def test_backends_reach_the_others_by_service_name_and_wait_for_redis():
         assert not any("localhost" in value or "127.0.0.1" in value for value in env.values())
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["stop_grace_period"]  # docker's 10 s default would cut /predict calls
+
+
+# Django's URLValidator (Label Studio's webhook URL field): a hostname with a dot and a
+# top-level domain of 2-63 letters; "backend" alone is "not a valid URL"
+_DJANGO_HOST = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*"
+                          r"\.(?!-)[a-z-]{2,63}(?<!-)$")
+
+
+@pytest.mark.parametrize("name", ["backend", "backend-gpu"])
+def test_label_studio_reaches_each_backend_by_a_dotted_alias(name: str):
+    service = compose()["services"][name]
+    aliases = service["networks"]["labelstudio"]["aliases"]
+    assert aliases == [f"{name}.labelstudio.internal"]
+    assert _DJANGO_HOST.match(aliases[0]) and not _DJANGO_HOST.match(name)
+    url = f"http://{aliases[0]}:9090"
+    assert url in COMPOSE.read_text() and url in (REPO / "README.md").read_text()
+    assert url in (REPO / "scripts" / "compose_flow.py").read_text() or name != "backend"
+
+
+def test_backends_rely_on_the_image_init_and_send_the_key_to_label_studio_url_only():
+    spec = compose()
+    for name in BACKENDS:
+        service = spec["services"][name]
+        assert "init" not in service, name  # the image's entrypoint is tini already
+        raw = service["environment"]
+        # a key without LABEL_STUDIO_URL is refused: the URL has a default even when
+        # docker/.env sets it empty, and the key is the same one Label Studio's admin gets
+        assert re.fullmatch(r"\$\{LABEL_STUDIO_URL:-http://label-studio:8080\}",
+                            raw["LABEL_STUDIO_URL"]), name
+        assert raw["LABEL_STUDIO_API_KEY"] == "${LABEL_STUDIO_API_KEY:-}", name
+        assert load_settings(LABEL_STUDIO_URL=interpolated(raw["LABEL_STUDIO_URL"]),
+                             LABEL_STUDIO_API_KEY="a-long-key").LABEL_STUDIO_API_KEY
 
 
 def test_backends_get_their_own_env_file_not_compose_dotenv_with_the_password():
@@ -344,4 +376,5 @@ def test_readme_keeps_its_two_commands_and_gives_the_compose_quick_path():
            "backend serve" in quick_start
     assert "bash scripts/test.sh" in quick_start
     assert "docker compose -f docker/compose.yaml up -d" in quick_start
-    assert "## Run with Docker Compose" in readme and "http://backend:9090" in readme
+    assert "## Run with Docker Compose" in readme
+    assert "http://backend.labelstudio.internal:9090" in readme
