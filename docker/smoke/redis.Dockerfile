@@ -8,7 +8,7 @@ FROM ${BASE_IMAGE}
 # hadolint ignore=DL3008,SC2016
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /data && chown redis:redis /data \
     && printf '%s\n' '#!/bin/sh' \
         'if [ "$1" = redis-server ]; then shift; exec redis-server --protected-mode no "$@"; fi' \
