@@ -1,3 +1,19 @@
-from .cli import main
+"""`python -m backend`: the container's command, often PID 1 without an init.
+
+The kernel drops a SIGTERM sent to a PID 1 that has no handler for it, and importing the CLI
+(torch, pyarrow) takes seconds: so the handler comes first, and `docker stop` during start-up
+ends the process at once, with status 0. `serve` and uvicorn take the signal over later.
+"""
+
+import signal
+
+
+def _stop_starting(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+signal.signal(signal.SIGTERM, _stop_starting)
+
+from .cli import main  # noqa: E402  (after the handler, on purpose)
 
 raise SystemExit(main())

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -329,12 +330,22 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _stopped(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    """SIGTERM before uvicorn took it over, or re-raised by uvicorn after its graceful shutdown
+    (the store and model are closed by then): exit 0 now. The interpreter's own teardown
+    (collecting torch's objects) would take seconds more, past `docker stop`'s patience."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    unwritable = _unwritable(settings)
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
     workers = args.workers or settings.WORKERS
     host, port = args.host or settings.HOST, args.port or settings.PORT
     warn_if_open(settings, host, port)
@@ -364,6 +375,27 @@ def warn_if_open(settings: Settings, host: str, port: int) -> None:
     warning = exposure(settings, host, port)
     if warning:
         log.warning("%s. Fix: %s.", warning, OPEN_ROUTES_FIX)
+
+
+def _unwritable(settings: Settings) -> str | None:
+    """Why serve could not write its state or weights cache, naming the fix; None if it can.
+
+    The usual cause: a host directory owned by root bind-mounted at the image's /data, which
+    runs as uid 10001."""
+    for name in ("MODEL_DIR", "MODEL_CACHE_DIR"):
+        path: Path | None = getattr(settings, name)
+        if path is None:
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            return (f"{name} {path} is not writable by this process (uid {os.getuid()}, gid "
+                    f"{os.getgid()}): {exc.strerror or exc}. Make it writable for that user "
+                    "(Docker image: `chown -R 10001:10001 <host directory>` for a directory "
+                    f"mounted at /data), or set {name} to a writable directory")
+    return None
 
 
 def _store_command(settings: Settings, args: argparse.Namespace) -> int:

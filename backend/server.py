@@ -2,7 +2,8 @@
 
 | route             | Label Studio's use (label-studio-protocol.md)                  | budget |
 |-------------------|----------------------------------------------------------------|--------|
-| GET /, /health    | connection check before every batch                            | 1 s    |
+| GET /, /health    | connection check before every batch (liveness: always UP)      | 1 s    |
+| GET /ready        | – (readiness: 200 once the model is loaded, else 503)          | 1 s    |
 | POST /setup       | config check, model_version (also before every batch)          | 3 s    |
 | POST /predict     | all selected tasks in one call                                 | 100 s  |
 | POST /webhook     | every project event; START_TRAINING from the Train button      | 1 s    |
@@ -150,6 +151,14 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
                 "model_state": status.state, "model_error": status.error,
                 "model": model.model_label, "load_seconds": status.load_seconds,
                 **status.details}
+
+    @app.get("/ready", response_model=None)
+    async def ready() -> dict[str, Any] | JSONResponse:
+        """Readiness, for orchestrators: 503 while the model loads and after it failed."""
+        status = model.status
+        body = {"status": "READY" if status.state == "ready" else "NOT_READY",
+                "model_state": status.state, "model_error": status.error}
+        return body if status.state == "ready" else JSONResponse(body, 503)
 
     @app.post("/setup")
     async def setup(body: SetupRequest) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -209,6 +210,33 @@ def test_model_that_fails_to_load_keeps_health_up_and_setup_says_why(tiny_config
         assert setup.status_code == 503 and "Check that the checkpoint matches" in setup.json()["detail"]
         predict = post(server, "/predict", {"tasks": [{"id": 1, "data": {"image": "x"}}], "label_config": CONFIG})
         assert predict.status_code == 503
+
+
+def test_ready_answers_200_once_the_model_is_loaded(backend):
+    response = httpx.get(backend.url + "/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "READY", "model_state": "ready", "model_error": None}
+
+
+def test_ready_is_503_while_the_model_loads_and_after_it_failed(tiny_settings, tiny_configs, tmp_path):
+    async def ready_while_loading() -> httpx.Response:
+        # no lifespan under ASGITransport: the model is never started, it stays "loading"
+        transport = httpx.ASGITransport(app=create_app(tiny_settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/ready")
+
+    loading = asyncio.run(ready_while_loading())
+    assert loading.status_code == 503 and loading.json()["model_state"] == "loading"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED=str(broken),
+                             MODEL_DIR=tmp_path / "failed")
+    with BackendThread(create_app(settings)) as server:
+        assert server.wait_model()["model_state"] == "failed"
+        failed = httpx.get(server.url + "/ready")
+        assert failed.status_code == 503 and failed.json()["status"] == "NOT_READY"
+        assert "broken" in failed.json()["model_error"]
+        assert httpx.get(server.url + "/health").json()["status"] == "UP"  # still live
 
 
 def test_webhook_secret_lets_label_studios_webhook_in_without_basic_auth(tiny_configs):
