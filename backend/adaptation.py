@@ -169,8 +169,7 @@ def _adapt_single(head: Head, ex: Examples, z0: Array, text: Array) -> Fit:
               "candidate": _calibrated(held_out, scoring, *candidate_cal)}
     scores = {name: _score(probs, ex, scoring) for name, probs in judged.items()}
     better = (_beats(judged["candidate"], judged["zero_shot"], ex, scoring)
-              and _beats(judged["candidate"], _with_label_prior(judged["zero_shot"], ex, folds,
-                                                                 scoring), ex, scoring))
+              and _score(judged["candidate"], ex, scoring).accuracy > _counts_accuracy(ex, folds))
     if better:
         final = _select(head, ex, z0, text)(ex, z0)
         adapter = Adapter(final.method, final.residual, final.bias, *candidate_cal,
@@ -359,20 +358,18 @@ def _folds(labels: npt.NDArray[np.int64], k: int) -> list[tuple[npt.NDArray[np.i
             if (assignment == f).any()]
 
 
-def _with_label_prior(probs: Array, ex: Examples, folds: list[tuple[npt.NDArray[np.int64],
-                                                                       npt.NDArray[np.int64]]],
-                      scoring: str) -> Array:
-    """Zero-shot reweighted by how often each label was chosen in the other folds: what the
-    label counts alone can teach. A head must beat this too, or a head fitted to noise
-    (labels chosen at random, with uneven counts) wins the sign test by learning the counts
-    and serves the most frequent label to everyone."""
-    if scoring != "softmax":
-        return probs
-    adjusted = probs.copy()
+def _counts_accuracy(ex: Examples, folds: list[tuple[npt.NDArray[np.int64],
+                                                     npt.NDArray[np.int64]]]) -> float:
+    """Held-out accuracy of answering every item with the label chosen most often in the other
+    folds: what the label counts alone achieve. A head must do better than this, or a head
+    fitted to noise (labels chosen at random, with uneven counts) wins the sign test against a
+    zero-shot that agrees with nobody, by learning the counts."""
+    labels = ex.labels
+    hits = 0
     for train, test in folds:
-        counts = ex.targets[train].sum(axis=0) + 1.0  # add-one: no label ruled out
-        adjusted[test] *= counts / counts.sum()
-    return np.asarray(adjusted / adjusted.sum(axis=1, keepdims=True), dtype=np.float64)
+        majority = np.bincount(labels[train], minlength=ex.targets.shape[1]).argmax()
+        hits += int((labels[test] == majority).sum())
+    return hits / max(len(labels), 1)
 
 
 def _fit_calibration(logits: Array, ex: Examples, scoring: str) -> tuple[float, Platt | None]:
