@@ -227,7 +227,9 @@ def _check_local_files(ref: str) -> list[str] | None:
     """The `d=` paths if `ref` names Label Studio's local-files endpoint, however spelled
     (`/data/local-files/./`, `//data/local-files/`, percent-encoded: Label Studio routes them
     all there), else None. Refuses a path with `..` in any of them."""
-    parts = _parsed(ref if _parsed(ref).scheme else "http://label-studio/" + ref.lstrip("/"))
+    parts = _parsed(ref)
+    if not parts.scheme:
+        parts = _parsed("http://label-studio/" + ref.lstrip("/"))
     path = posixpath.normpath(re.sub("/+", "/", "/" + unquote(parts.path)))
     if path != "/data/local-files":
         return None
