@@ -42,7 +42,7 @@ from .errors import (
     ModelUnavailable,
     StoreUnavailable,
 )
-from .export import ExportError, correction_rows, export_corrections, summary
+from .export import ExportError, correction_rows, export_corrections, jsonl_chunks, summary
 from .head_registry import HeadRegistry
 from .logs import configure_logging, logging_config
 from .middleware import OPEN_ROUTES_FIX, exposure
@@ -292,11 +292,11 @@ def _dead_letters(settings: Settings) -> DeadLetters:
 
 def _export_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     letters = _dead_letters(settings).read()
-    text = "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in letters)
+    body = b"".join(jsonl_chunks(letters))
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        args.output.write_bytes(body)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(body.decode())
     print(f"{len(letters)} dead letters", file=sys.stderr)
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -315,9 +314,9 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
         """Log entries the store could never apply, each with why (JSONL): fix their `entry`
         and apply them with `python -m backend replay dead-letters --input FILE`."""
         letters = await asyncio.to_thread(model.journal.dead_letters.read)
-        body = "".join(json.dumps(letter, ensure_ascii=False) + "\n" for letter in letters)
-        return Response(body, media_type="application/x-ndjson", headers={
-            "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
+        return Response(b"".join(export.jsonl_chunks(letters)),
+                        media_type="application/x-ndjson", headers={
+                            "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
 
     @app.get("/export/summary")
     async def export_summary(project: str | None = None,

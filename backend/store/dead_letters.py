@@ -51,9 +51,6 @@ class DeadLetters:
             spool.flush()
             os.fsync(spool.fileno())
 
-    def __iter__(self) -> Iterator[Letter]:
-        return iter(self.read())
-
     def read(self) -> list[Letter]:
         if not self.path.exists():
             return []
