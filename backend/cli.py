@@ -33,7 +33,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .adapt.registry import HeadRegistry
+from .adapt.report import render
 from .config import Settings, load_settings
+from .corrections.dead_letters import DeadLetters, read_letters, replay
+from .corrections.export import (
+    ExportError,
+    correction_rows,
+    export_corrections,
+    jsonl_chunks,
+    summary,
+)
 from .errors import (
     ConfigError,
     HeadNotFound,
@@ -42,16 +52,12 @@ from .errors import (
     ModelUnavailable,
     StoreUnavailable,
 )
-from .export import ExportError, correction_rows, export_corrections, jsonl_chunks, summary
-from .head_registry import HeadRegistry
+from .jobs.prelabel import JobRunning
 from .logs import configure_logging, logging_config
-from .middleware import OPEN_ROUTES_FIX, exposure
-from .prelabel import JobRunning
-from .report import render
-from .review import FORMATS, ReviewError, write
-from .selection import STRATEGIES
+from .review.queues import FORMATS, ReviewError, write
+from .review.selection import STRATEGIES
 from .store import Store, open_store
-from .store.dead_letters import DeadLetters, read_letters, replay
+from .web.middleware import OPEN_ROUTES_FIX, exposure
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger(__name__)
@@ -251,8 +257,8 @@ def _prelabel(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _run_prelabel(settings: Settings, args: argparse.Namespace,
                         show: Any) -> dict[str, Any]:
+    from .jobs.prelabel import Prelabeler
     from .model import ZeroShotModel
-    from .prelabel import Prelabeler
     from .store.jobs import open_ledger
 
     model = ZeroShotModel(settings)
@@ -266,7 +272,7 @@ async def _run_prelabel(settings: Settings, args: argparse.Namespace,
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from . import worker
+    from .jobs import rq as worker
 
     try:
         return worker.serve(settings, burst=args.burst)
@@ -447,7 +453,7 @@ def _write_corrections(store: Store, settings: Settings, args: argparse.Namespac
 
 def _model_label(settings: Settings) -> str:
     """The served model's identity (as in embedding keys), from the settings alone."""
-    from .encoder import ModelSpec
+    from .zeroshot.encoder import ModelSpec
 
     return ModelSpec.from_settings(settings).label()
 

@@ -19,12 +19,12 @@ from typing import Literal, TextIO
 import httpx
 
 from .config import Settings, load_settings
+from .corrections.dead_letters import DeadLetters
+from .corrections.journal import spooled_entries
 from .errors import BackendError, ConfigError, FetchError, StoreUnavailable
-from .labelstudio import LabelStudioAccess, origin
-from .middleware import OPEN_ROUTES_FIX, exposure
+from .labelstudio.client import LabelStudioAccess, origin
 from .netguard import AddressPolicy, GuardedTransport
-from .store.dead_letters import DeadLetters
-from .store.journal import spooled_entries
+from .web.middleware import OPEN_ROUTES_FIX, exposure
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 WHOAMI = "/api/current-user/whoami"
@@ -264,7 +264,7 @@ def check_workers(settings: Settings) -> Check:
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
-    from .worker import queue_name
+    from .jobs.rq import queue_name
 
     try:
         connection = Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_TIMEOUT_S)
@@ -282,7 +282,7 @@ def check_workers(settings: Settings) -> Check:
 def check_device(settings: Settings) -> Check:
     import torch
 
-    from .encoder import resolve_device
+    from .zeroshot.encoder import resolve_device
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -308,7 +308,7 @@ def _device_fix(settings: Settings) -> str:
 
 def check_model(settings: Settings) -> Check:
     """Load the model exactly as the server does (weights are downloaded if not cached)."""
-    from .encoder import ModelSpec, load_encoder
+    from .zeroshot.encoder import ModelSpec, load_encoder
 
     label = ModelSpec.from_settings(settings).label()
     started = time.perf_counter()

@@ -26,10 +26,11 @@ from typing import Any, Literal
 import torch
 
 from . import metrics
-from .batching import BACKGROUND, FOREGROUND, InferenceWorker, lower_priority
+from .adapt.registry import ZERO_SHOT_HEAD, ActiveHead, HeadRegistry
+from .adapt.trainer import Trainer
 from .config import Settings
-from .decode import decode_image
-from .encoder import Encoder, ModelSpec, load_encoder
+from .corrections.entries import Entry, entries_from_webhook, prediction_entry
+from .corrections.journal import Journal
 from .errors import (
     BackendError,
     ImageRefused,
@@ -39,21 +40,26 @@ from .errors import (
     StoreUnavailable,
     TaskError,
 )
-from .feedback import Entry, entries_from_webhook, prediction_entry
-from .head_registry import ZERO_SHOT_HEAD, ActiveHead, HeadRegistry
-from .images import Fetched, ImageFetcher
-from .labels import LabelSpace, ParsedConfig, parse_label_config
-from .labelstudio import LabelStudioAccess, project_key
-from .predictions import ControlOutcome, decide, empty_prediction, region_id, task_prediction
-from .prompts import PromptPlan, check_prompt_count, plan_prompts, prompt_set_hash
-from .review import ReviewError, head_probabilities, project_view, review, selection
-from .scoring import Head, build_head, ensemble, label_logits, probabilities
+from .images.decode import decode_image
+from .images.fetch import Fetched, ImageFetcher
+from .labelstudio.client import LabelStudioAccess, project_key
+from .labelstudio.label_config import LabelSpace, ParsedConfig, parse_label_config
+from .labelstudio.version_sync import VersionSync
+from .predict.predictions import (
+    ControlOutcome,
+    decide,
+    empty_prediction,
+    region_id,
+    task_prediction,
+)
+from .review.queues import ReviewError, head_probabilities, project_view, review, selection
 from .store import Store, Vector, embedding_key, open_store
-from .store.journal import Journal
-from .text_embeddings import DEFAULT_MAX_PROMPTS, TextEmbeddingCache
-from .training import Trainer
-from .uncertainty import measures
-from .version_sync import VersionSync
+from .zeroshot.encoder import Encoder, ModelSpec, load_encoder
+from .zeroshot.inference import BACKGROUND, FOREGROUND, InferenceWorker, lower_priority
+from .zeroshot.prompts import PromptPlan, check_prompt_count, plan_prompts, prompt_set_hash
+from .zeroshot.scoring import Head, build_head, ensemble, label_logits, probabilities
+from .zeroshot.text_embeddings import DEFAULT_MAX_PROMPTS, TextEmbeddingCache
+from .zeroshot.uncertainty import measures
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.adaptation import Examples, adapt, learning_curve  # noqa: E402
-from backend.scoring import Head  # noqa: E402
+from backend.adapt.fit import Examples, adapt, learning_curve  # noqa: E402
+from backend.zeroshot.scoring import Head  # noqa: E402
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

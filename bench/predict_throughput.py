@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.config import load_settings  # noqa: E402
-from backend.server import create_app  # noqa: E402
+from backend.web.app import create_app  # noqa: E402
 from tests.support.backend_server import BackendThread  # noqa: E402
 from tests.support.http_server import LoopbackServer, Route  # noqa: E402
 
@@ -72,7 +72,7 @@ def photo_like_jpeg(megapixels: float, seed: int) -> bytes:
 
 
 def encoder_only(model, images: list[bytes], batch: int) -> float:
-    from backend.decode import decode_image
+    from backend.images.decode import decode_image
 
     encoder = model.encoder
     decoded = [decode_image(data, max_pixels=10**9) for data in images]

@@ -39,12 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.config import Settings, load_settings  # noqa: E402
-from backend.feedback import Entry, entries_from_webhook  # noqa: E402
+from backend.corrections.entries import Entry, entries_from_webhook  # noqa: E402
+from backend.corrections.journal import Journal  # noqa: E402
 from backend.model import ZeroShotModel  # noqa: E402
-from backend.server import create_app  # noqa: E402
 from backend.store import Store  # noqa: E402
-from backend.store.journal import Journal  # noqa: E402
 from backend.store.redis import RedisStore  # noqa: E402
+from backend.web.app import create_app  # noqa: E402
 from tests.support.backend_server import BackendThread  # noqa: E402
 from tests.support.redis_server import RedisServer, free_port  # noqa: E402
 from tests.support.tiny_models import write_config  # noqa: E402

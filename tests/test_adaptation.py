@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adaptation import Examples, adapt, label_text_vectors, zero_shot_logits
-from backend.head_registry import ActiveHead, adapter_document, adapter_from_document, space_digest
-from backend.labels import parse_label_config
-from backend.scoring import Head
+from backend.adapt.fit import Examples, adapt, label_text_vectors, zero_shot_logits
+from backend.adapt.registry import ActiveHead, adapter_document, adapter_from_document, space_digest
+from backend.labelstudio.label_config import parse_label_config
+from backend.zeroshot.scoring import Head
 
 from .support.vectors import unit
 

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from backend.calibration import expected_calibration_error
-from backend.server import create_app
+from backend.adapt.calibration import expected_calibration_error
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from backend.config import load_settings
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer

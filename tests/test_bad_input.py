@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from backend.config import load_settings
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

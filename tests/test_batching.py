@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from backend.batching import InferenceWorker
+from backend.zeroshot.inference import InferenceWorker
 
 
 class Doubler:
@@ -76,7 +76,7 @@ def test_batch_cap_must_be_positive():
 def test_label_studio_requests_overtake_queued_background_work():
     """A pre-label job's images wait behind a request's, not the other way round: only the
     batch already running is finished first."""
-    from backend.batching import BACKGROUND, FOREGROUND
+    from backend.zeroshot.inference import BACKGROUND, FOREGROUND
 
     seen: list[float] = []
     gate = threading.Event()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.calibration import (
+from backend.adapt.calibration import (
     expected_calibration_error,
     fit_platt,
     fit_temperature,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from backend.model import ZeroShotModel
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

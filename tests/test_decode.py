@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.decode import decode_image
 from backend.errors import DecodeError
+from backend.images.decode import decode_image
 
 LIMIT = 50_000_000
 
@@ -150,7 +150,7 @@ def float_tiff(width: int, height: int) -> bytes:
 
 PEAK_SCRIPT = """
 import resource, sys
-from backend.decode import decode_image
+from backend.images.decode import decode_image
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 image = decode_image(data, max_pixels=10**9, draft_size=224, max_bytes=10**9)

@@ -12,7 +12,7 @@ import redis
 import torch
 
 from backend.cli import main
-from backend.store.dead_letters import DeadLetters
+from backend.corrections.dead_letters import DeadLetters
 
 from .support.http_server import LoopbackServer, Route
 from .support.redis_server import RedisServer, free_port

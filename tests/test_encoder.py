@@ -17,7 +17,10 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGE
 from PIL import Image
 
 from backend.config import load_settings
-from backend.encoder import (
+from backend.errors import ConfigError, ModelUnavailable
+from backend.labelstudio.label_config import parse_label_config
+from backend.model import ZeroShotModel
+from backend.zeroshot.encoder import (
     ModelSpec,
     OpenClipEncoder,
     autocast_dtype,
@@ -25,10 +28,7 @@ from backend.encoder import (
     resolve_device,
     weights_dtype,
 )
-from backend.errors import ConfigError, ModelUnavailable
-from backend.labels import parse_label_config
-from backend.model import ZeroShotModel
-from backend.scoring import probabilities
+from backend.zeroshot.scoring import probabilities
 
 CLASSES = ["cat", "dog", "school bus", "red apple", "mountain lake"]
 TOLERANCE = 1e-5
@@ -242,7 +242,7 @@ def test_fast_preprocessing_gives_open_clips_exact_tensors():
     import open_clip
     from PIL import Image
 
-    from backend.encoder import _split_preprocess
+    from backend.zeroshot.encoder import _split_preprocess
 
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     head, tail = _split_preprocess(preprocess)

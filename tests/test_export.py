@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from backend.export import (
+from backend.corrections.entries import entries_from_webhook, prediction_entry
+from backend.corrections.export import (
     COLUMNS,
     ExportError,
     correction_rows,
@@ -29,11 +30,10 @@ from backend.export import (
     spreadsheet_safe,
     summary,
 )
-from backend.feedback import entries_from_webhook, prediction_entry
-from backend.server import create_app
 from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 

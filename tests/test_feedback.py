@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from backend.corrections.entries import (
+    Entry,
+    build_correction,
+    entries_from_webhook,
+    prediction_entry,
+)
 from backend.errors import InvalidEvent
-from backend.feedback import Entry, build_correction, entries_from_webhook, prediction_entry
 
 from .support.webhooks import (
     annotation_event,

@@ -14,8 +14,8 @@ import pytest
 
 from backend.config import load_settings
 from backend.errors import FetchError, ImageRefused
-from backend.images import ImageFetcher
-from backend.labelstudio import LabelStudioAccess
+from backend.images.fetch import ImageFetcher
+from backend.labelstudio.client import LabelStudioAccess
 
 from .support.http_server import LoopbackServer, Recorded, Route
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from backend.errors import LabelConfigError
-from backend.labels import MAX_LABELS, parse_label_config
+from backend.labelstudio.label_config import MAX_LABELS, parse_label_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "label_config"
 

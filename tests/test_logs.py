@@ -21,7 +21,7 @@ from backend.logs import (
     logging_config,
     request_id_from,
 )
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.webhooks import annotation_event, choice_result

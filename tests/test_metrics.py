@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend.errors import StoreUnavailable
 from backend.metrics import WEBHOOK_ACTIONS
-from backend.server import create_app
 from backend.store.redis import RedisStore
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import Route

@@ -10,8 +10,8 @@ import pytest
 
 from backend.config import load_settings
 from backend.errors import FetchError, ImageRefused
-from backend.images import ImageFetcher
-from backend.labelstudio import LabelStudioAccess
+from backend.images.fetch import ImageFetcher
+from backend.labelstudio.client import LabelStudioAccess
 from backend.netguard import AddressPolicy, refusal
 
 from .support.http_server import LoopbackServer, Route

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labels import parse_label_config
-from backend.predictions import decide, empty_prediction, region_id, task_prediction
+from backend.labelstudio.label_config import parse_label_config
+from backend.predict.predictions import decide, empty_prediction, region_id, task_prediction
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "label_config"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.redis_server import free_port
@@ -64,7 +64,7 @@ def test_http_jobs_answer_with_the_fix_and_unknown_jobs_are_404(backend):
 
 
 def test_a_job_whose_process_died_reports_interrupted_with_how_to_resume(tiny_settings, tmp_path):
-    from backend.prelabel import PLANNER, Prelabeler, new_owner
+    from backend.jobs.prelabel import PLANNER, Prelabeler, new_owner
     from backend.store.jobs import open_ledger
     from backend.store.sqlite import SqliteStore
 
@@ -91,7 +91,7 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
     import asyncio
 
     from backend.errors import LabelStudioError
-    from backend.prelabel import label_studio_api
+    from backend.jobs.prelabel import label_studio_api
 
     config = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
               '<Choice value="a"/><Choice value="b"/></Choices></View>')
@@ -112,7 +112,7 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
 def test_a_job_ending_while_the_store_is_down_is_logged_not_raised(tiny_settings, caplog):
     """The planner claim is released best-effort: it expires by itself, and an unhandled
     StoreUnavailable here used to surface as "Task exception was never retrieved"."""
-    from backend.prelabel import PLANNER_TTL_S, JobSpec, Prelabeler
+    from backend.jobs.prelabel import PLANNER_TTL_S, JobSpec, Prelabeler
     from backend.store.jobs import open_ledger
     from backend.store.redis import RedisStore
 

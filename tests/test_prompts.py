@@ -1,8 +1,8 @@
 import pytest
 
 from backend.errors import LabelConfigError
-from backend.labels import parse_label_config
-from backend.prompts import TEMPLATE_SETS, plan_prompts, prompt_set_hash, resolve_templates
+from backend.labelstudio.label_config import parse_label_config
+from backend.zeroshot.prompts import TEMPLATE_SETS, plan_prompts, prompt_set_hash, resolve_templates
 
 
 def space_of(choices: str, attrs: str = ""):
@@ -52,7 +52,7 @@ def test_prompt_hash_tracks_templates_and_labels():
 
 
 def test_prompt_count_is_what_the_plan_holds_counted_without_building_it():
-    from backend.prompts import prompt_count
+    from backend.zeroshot.prompts import prompt_count
 
     space = space_of('<Choice value="Dog" predicted_values="dog,puppy" model_prompts="a dog|hound"/>'
                      '<Choice value="Cat"/>')
@@ -61,7 +61,7 @@ def test_prompt_count_is_what_the_plan_holds_counted_without_building_it():
 
 
 def test_a_config_over_the_prompt_limit_is_refused_with_the_count_the_limit_and_the_fix():
-    from backend.prompts import check_prompt_count
+    from backend.zeroshot.prompts import check_prompt_count
 
     space = space_of("".join(f'<Choice value="l{i}"/>' for i in range(100)), 'model_templates="openai"')
     check_prompt_count([space], "simple", 8_000)  # 100 x 80 = 8,000: at the limit is fine

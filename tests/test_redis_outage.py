@@ -16,11 +16,11 @@ import redis
 from prometheus_client import REGISTRY
 
 from backend.config import Settings
-from backend.feedback import Entry, entries_from_webhook
-from backend.server import create_app
-from backend.store.dead_letters import DeadLetters
-from backend.store.journal import Journal
+from backend.corrections.dead_letters import DeadLetters
+from backend.corrections.entries import Entry, entries_from_webhook
+from backend.corrections.journal import Journal
 from backend.store.redis import RedisStore
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.redis_server import RedisServer

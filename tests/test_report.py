@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adaptation import Examples, adapt
+from backend.adapt.fit import Examples, adapt
+from backend.adapt.trainer import _control_record
 from backend.cli import _model_label, main
 from backend.config import load_settings
-from backend.labels import parse_label_config
-from backend.scoring import Head
+from backend.labelstudio.label_config import parse_label_config
 from backend.store.sqlite import SqliteStore
-from backend.training import _control_record
+from backend.zeroshot.scoring import Head
 
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="kind" toName="image">'
           '<Choice value="cat"/><Choice value="dog"/><Choice value="fox"/></Choices></View>')

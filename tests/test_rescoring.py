@@ -16,8 +16,8 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from backend.config import Settings
-from backend.server import create_app
 from backend.store import embedding_key
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
-from backend.export import FORMULA_STARTS
-from backend.review import write
+from backend.corrections.export import FORMULA_STARTS
+from backend.review.queues import write
 
 ROW = {"task": "7", "queue": "disagreement", "priority": 0.9, "reason": "=cmd|' /C calc'!A0",
        "predicted": "+Cat", "confidence": 0.5, "margin": 0.1, "annotated": ["-Dog"],

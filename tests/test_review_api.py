@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend.labels import parse_label_config
-from backend.prompts import plan_prompts
-from backend.scoring import build_head, ensemble, label_logits, probabilities
+from backend.labelstudio.label_config import parse_label_config
+from backend.zeroshot.prompts import plan_prompts
+from backend.zeroshot.scoring import build_head, ensemble, label_logits, probabilities
 
 
 def space(choices: str, attrs: str = ""):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adaptation import Examples, adapt, zero_shot_logits
-from backend.scoring import Head
-from backend.selection import cold_start, k_center, likely_label_errors, select
-from backend.uncertainty import entropy, margin, measures, priority
+from backend.adapt.fit import Examples, adapt, zero_shot_logits
+from backend.review.selection import cold_start, k_center, likely_label_errors, select
+from backend.zeroshot.scoring import Head
+from backend.zeroshot.uncertainty import entropy, margin, measures, priority
 
 from .support.vectors import softmax, unit
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend.config import load_settings
 from backend.model import ZeroShotModel
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 
 from backend.config import load_settings
-from backend.feedback import entries_from_webhook
+from backend.corrections.entries import entries_from_webhook
+from backend.corrections.journal import Journal
 from backend.store import open_store
-from backend.store.journal import Journal
 from backend.store.redis import RedisStore
 
 from .support.backend_process import BackendProcess

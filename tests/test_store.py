@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import redis
 
+from backend.corrections.entries import entries_from_webhook, prediction_entry
 from backend.errors import StoreUnavailable
-from backend.feedback import entries_from_webhook, prediction_entry
 from backend.store import BULK_READ, embedding_key, ref_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.prelabel import claim, new_owner, progress
+from backend.jobs.prelabel import claim, new_owner, progress
 from backend.store.jobs import JobLedger, open_ledger
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore

@@ -7,7 +7,7 @@ import asyncio
 import torch
 
 from backend.model import ZeroShotModel
-from backend.text_embeddings import TextEmbeddingCache
+from backend.zeroshot.text_embeddings import TextEmbeddingCache
 
 CONFIG = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i">'
           '<Choice value="red"/><Choice value="green"/><Choice value="blue"/></Choices></View>')

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from backend.head_registry import space_digest
-from backend.labels import parse_label_config
+from backend.adapt.registry import space_digest
+from backend.adapt.trainer import _carry_over
+from backend.labelstudio.label_config import parse_label_config
 from backend.store.sqlite import SqliteStore
-from backend.training import _carry_over
 
 
 def test_controls_not_refitted_keep_what_the_current_head_serves(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from backend.labelstudio import LabelStudioAccess
+from backend.labelstudio.client import LabelStudioAccess
+from backend.labelstudio.version_sync import VersionSync
 from backend.netguard import AddressPolicy
-from backend.version_sync import VersionSync
 
 from .support.http_server import LoopbackServer, Route
 
@@ -23,7 +23,7 @@ def run(server: LoopbackServer, *calls: tuple[str, str]) -> None:
 
 
 def test_the_version_is_set_once_retrying_until_label_studio_has_the_predictions(monkeypatch):
-    monkeypatch.setattr("backend.version_sync.RETRY_PAUSES_S", (0.01,) * 5)
+    monkeypatch.setattr("backend.labelstudio.version_sync.RETRY_PAUSES_S", (0.01,) * 5)
     answers = iter([400, 400, 200])
     with LoopbackServer() as server:
         server.add("/api/projects/7/", lambda _: Route(b"{}", next(answers, 200), "application/json"))
@@ -35,7 +35,7 @@ def test_the_version_is_set_once_retrying_until_label_studio_has_the_predictions
 
 
 def test_no_token_or_no_numeric_project_means_no_request_and_refusals_do_not_raise(monkeypatch, caplog):
-    monkeypatch.setattr("backend.version_sync.RETRY_PAUSES_S", (0.01,))
+    monkeypatch.setattr("backend.labelstudio.version_sync.RETRY_PAUSES_S", (0.01,))
     with LoopbackServer() as server:
         server.add("/api/projects/8/", Route(b'{"detail": "forbidden"}', 403, "application/json"))
         run(server, ("not-a-number", "m:p1"), ("8", "m:p1"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from backend.server import create_app
+from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..config import Settings
-from ..feedback import Entry, build_correction, timestamp
+from ..corrections.entries import Entry, build_correction, timestamp
 
 Record = dict[str, Any]
 ZERO_SHOT = "zero-shot"

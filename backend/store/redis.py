@@ -19,8 +19,8 @@ from typing import Any
 import redis
 
 from .. import metrics
+from ..corrections.entries import Entry
 from ..errors import StoreUnavailable
-from ..feedback import Entry
 from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 from .keys import Keys
 

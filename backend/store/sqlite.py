@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..corrections.entries import Entry
 from ..errors import StoreUnavailable
-from ..feedback import Entry
 from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 
 SCHEMA = """

@@ -69,7 +69,7 @@ def build_things() -> list[tuple[str, object]]:
 
     def app() -> None:
         from backend.config import load_settings
-        from backend.server import create_app
+        from backend.web.app import create_app
         create_app(load_settings(MODEL_NAME="ViT-B-32", MODEL_PRETRAINED="none",
                                  IMAGE_URL_ALLOWLIST="127.0.0.1", LOG_LEVEL="WARNING"))
 

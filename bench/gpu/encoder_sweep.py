@@ -26,7 +26,7 @@ def sweep(model_name: str, batches: list[int], device: str, seconds: float) -> N
     import torch
 
     from backend.config import load_settings
-    from backend.encoder import load_encoder
+    from backend.zeroshot.encoder import load_encoder
 
     started = time.perf_counter()
     encoder = load_encoder(load_settings(MODEL_NAME=model_name, MODEL_PRETRAINED="none",

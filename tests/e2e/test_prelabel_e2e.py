@@ -14,8 +14,8 @@ import pytest
 from lxml import etree
 
 from backend.config import load_settings
-from backend.images import ImageFetcher
-from backend.labelstudio import LabelStudioAccess
+from backend.images.fetch import ImageFetcher
+from backend.labelstudio.client import LabelStudioAccess
 from tests.e2e.label_studio import (
     LabelStudioClient,
     LabelStudioServer,
