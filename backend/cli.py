@@ -360,7 +360,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # "killed by SIGTERM". Before uvicorn takes the signal over, it stops start-up the same way.
     signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
-        "backend.server:create_app",
+        "backend.web.app:create_app",
         factory=True,
         host=host,
         port=port,

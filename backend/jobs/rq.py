@@ -53,7 +53,7 @@ def enqueuer(settings: Settings) -> Callable[[JobSpec, list[Task]], None]:
     queue = _queue(settings)
 
     def enqueue(spec: JobSpec, tasks: list[Task]) -> None:
-        queue.enqueue("backend.worker.run_item", asdict(spec), tasks,
+        queue.enqueue("backend.jobs.rq.run_item", asdict(spec), tasks,
                       job_timeout=ITEM_TIMEOUT_S, result_ttl=3600, failure_ttl=7 * 86400,
                       description=f"pre-label job {spec.id}: {len(tasks)} tasks")
 
