@@ -37,6 +37,7 @@ fi
 
 .venv/bin/ruff check backend tests scripts bench
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache  # the layers and cycles contracts in pyproject.toml
 
 # Known vulnerabilities in the installed dependencies: found ones fail the run (exit 1); an
 # audit that could not look everything up (exit 2: no direct route to pypi.org) only warns.
