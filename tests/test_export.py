@@ -30,6 +30,7 @@ from backend.corrections.export import (
     spreadsheet_safe,
     summary,
 )
+from backend.corrections.records import apply
 from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
@@ -95,12 +96,12 @@ def predicted(store, task: int, *regions: dict, project: str = "4") -> None:
     images = {r["from_name"]: {"image_ref": image(task), "embedding_key": KEY1 if task == 1 else None}
               for r in regions}
     prediction = {"model_version": VERSION, "score": min(r["score"] for r in regions), "result": list(regions)}
-    store.apply(prediction_entry(project, task, prediction, images))
+    apply(store, prediction_entry(project, task, prediction, images))
 
 
 def webhook_into(store, event: dict) -> None:
     for entry in entries_from_webhook(event):
-        store.apply(entry)
+        apply(store, entry)
 
 
 def feed(store) -> None:

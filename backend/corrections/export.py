@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from ..errors import BackendError
 from ..labelstudio.client import project_key
 from ..store import Store, Vector, model_embedding_key
-from .entries import timestamp
+from .records import updated_ts
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,6 @@ def correction_rows(store: Store, *, project: Any = None, since: Since = None,
         for row in record_rows(record):
             if not only_changed or row["status"] in CHANGED:
                 yield row
-
-
-def updated_ts(record: Row) -> float:
-    return timestamp(record.get("updated_at")) or float(record.get("received_at") or 0.0)
 
 
 def record_rows(record: Row) -> Iterator[Row]:
