@@ -38,7 +38,6 @@ from .adapt.report import render
 from .config import Settings, load_settings
 from .corrections.dead_letters import DeadLetters, read_letters, replay
 from .corrections.export import (
-    ExportError,
     correction_rows,
     export_corrections,
     jsonl_chunks,
@@ -46,15 +45,17 @@ from .corrections.export import (
 )
 from .errors import (
     ConfigError,
+    ExportError,
     HeadNotFound,
+    JobRunning,
     LabelConfigError,
     LabelStudioError,
     ModelUnavailable,
+    ReviewError,
     StoreUnavailable,
 )
-from .jobs.prelabel import JobRunning
 from .logs import configure_logging, logging_config
-from .review.queues import FORMATS, ReviewError, write
+from .review.queues import FORMATS, write
 from .review.selection import STRATEGIES
 from .store import Store, open_store
 from .web.middleware import OPEN_ROUTES_FIX, exposure

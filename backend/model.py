@@ -37,6 +37,7 @@ from .errors import (
     LimitExceeded,
     ModelUnavailable,
     Overloaded,
+    ReviewError,
     StoreUnavailable,
     TaskError,
 )
@@ -52,7 +53,7 @@ from .predict.predictions import (
     region_id,
     task_prediction,
 )
-from .review.queues import ReviewError, head_probabilities, project_view, review, selection
+from .review.queues import head_probabilities, project_view, review, selection
 from .store import Store, Vector, embedding_key, open_store
 from .store.entry import Entry
 from .zeroshot.encoder import Encoder, ModelSpec, load_encoder

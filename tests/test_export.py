@@ -23,7 +23,6 @@ import pytest
 from backend.corrections.entries import entries_from_webhook, prediction_entry
 from backend.corrections.export import (
     COLUMNS,
-    ExportError,
     correction_rows,
     export_corrections,
     parse_since,
@@ -31,6 +30,7 @@ from backend.corrections.export import (
     summary,
 )
 from backend.corrections.records import apply
+from backend.errors import ExportError
 from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore

@@ -41,7 +41,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import BackendError
+from ..errors import BackendError, ExportError
 from ..labelstudio.client import project_key
 from ..store import Store, Vector, model_embedding_key
 from .records import updated_ts
@@ -70,10 +70,6 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 CHANGED = frozenset({"changed", "added", "removed"})
 COMPARED = ("accepted", "changed", "removed")
 """Statuses of rows where the model proposed something and the annotator did not skip."""
-
-
-class ExportError(ValueError):
-    """A bad export request (filter, format, output); the message says what to fix."""
 
 
 @dataclass

@@ -30,7 +30,16 @@ import httpx
 
 from .. import metrics
 from ..config import Settings
-from ..errors import BackendError, ConfigError, LabelStudioError, Overloaded, StoreUnavailable
+from ..errors import (
+    BackendError,
+    ConfigError,
+    JobNotFound,
+    JobRunning,
+    LabelStudioError,
+    Overloaded,
+    StoreUnavailable,
+    VersionMismatch,
+)
 from ..labelstudio.client import LabelStudioAPI
 from ..netguard import GuardedTransport
 from ..store import ZERO_SHOT
@@ -52,14 +61,6 @@ PLANNER_TTL_S = 60.0
 OVERLOAD_RETRY_S = 1.0
 _off = asyncio.to_thread
 """Ledger calls are blocking I/O (Redis, SQLite): never on the event loop."""
-
-
-class JobRunning(BackendError):
-    """Another live process is already planning this job."""
-
-
-class JobNotFound(BackendError):
-    """No pre-label job has this id."""
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ async def work_item(model: ZeroShotModel, ledger: JobLedger, spec: JobSpec, task
         return {"done": 0, "failed": 0}
     try:
         done, failed = await _predict_and_store(model, spec, claimed)
-    except _VersionChanged as exc:
+    except VersionMismatch as exc:
         await _off(ledger.release, spec.id, list(mine), owner)
         await _off(ledger.update, spec.id, spec.project, {"error": str(exc),
                                                           "updated_at": time.time()})
@@ -363,16 +364,12 @@ async def work_item(model: ZeroShotModel, ledger: JobLedger, spec: JobSpec, task
     return {"done": len(done), "failed": len(failed)}
 
 
-class _VersionChanged(BackendError):
-    pass
-
-
 async def _predict_and_store(model: ZeroShotModel, spec: JobSpec,
                              tasks: list[Task]) -> tuple[list[str], dict[str, str]]:
     results = await _predict(model, spec, tasks)
     version = results[0].get("model_version") if results else spec.model_version
     if version != spec.model_version:
-        raise _VersionChanged(
+        raise VersionMismatch(
             f"this process predicts {version}, not the job's {spec.model_version}: run every "
             "worker with the backend's MODEL_NAME, MODEL_PRETRAINED and TEMPLATES (tasks "
             "already written keep their version)")

@@ -28,7 +28,7 @@ import torch
 from ..adapt.fit import MIN_EXAMPLES, Adapter, Examples, adapt, normalise_rows, zero_shot_logits
 from ..adapt.trainer import cached_embedding, target_row, unusable
 from ..corrections.export import comment_line, spreadsheet_safe
-from ..errors import BackendError
+from ..errors import ReviewError
 from ..labelstudio.label_config import LabelSpace
 from ..store import Record, Store
 from ..zeroshot.scoring import Head, probabilities
@@ -39,10 +39,6 @@ Array = npt.NDArray[np.float64]
 Row = dict[str, Any]
 FORMATS = ("jsonl", "csv", "labelstudio")
 MIN_FOR_PRECISION_THRESHOLD = 20
-
-
-class ReviewError(BackendError):
-    """A selection or review cannot be made (no predictions, unknown control, bad argument)."""
 
 
 @dataclass(frozen=True)

@@ -39,20 +39,24 @@ from ..corrections import export
 from ..errors import (
     BackendError,
     ConfigError,
+    ExportError,
     HeadNotFound,
     InvalidEvent,
+    JobNotFound,
+    JobRunning,
     LabelConfigError,
     LabelStudioError,
     LimitExceeded,
     ModelUnavailable,
     Overloaded,
+    ReviewError,
     StoreUnavailable,
     TaskError,
 )
-from ..jobs.prelabel import Executor, JobNotFound, JobRunning, Prelabeler
+from ..jobs.prelabel import Executor, Prelabeler
 from ..labelstudio.client import project_key
 from ..model import ZeroShotModel
-from ..review.queues import ReviewError, write
+from ..review.queues import write
 from ..store.jobs import open_ledger
 from .middleware import install_middleware, too_large
 
@@ -280,7 +284,7 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
             body = await asyncio.to_thread(_parquet, model, filters, embeddings)
             return Response(body, media_type=export.MEDIA_TYPES[fmt], headers=headers)
         if embeddings:
-            raise export.ExportError("embeddings=true is supported only with format=parquet "
+            raise ExportError("embeddings=true is supported only with format=parquet "
                                      "over HTTP (JSONL and CSV carry them in a separate .npy: "
                                      "use the CLI)")
         rows = await asyncio.to_thread(_started, export.correction_rows(model.store, **filters))
@@ -406,4 +410,4 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     app.add_exception_handler(BackendError, backend_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(export.ExportError, bad_export)
+    app.add_exception_handler(ExportError, bad_export)
