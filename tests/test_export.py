@@ -26,11 +26,11 @@ from backend.corrections.export import (
     correction_rows,
     export_corrections,
     parse_since,
-    spreadsheet_safe,
-    summary,
 )
 from backend.corrections.records import apply
+from backend.corrections.summary import summary
 from backend.errors import ExportError
+from backend.formats import spreadsheet_safe
 from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
