@@ -55,7 +55,8 @@ from ..errors import (
     TaskError,
 )
 from ..formats import EXTENSIONS, MEDIA_TYPES, jsonl_chunks, streamed
-from ..jobs.prelabel import Executor, Prelabeler
+from ..jobs.executors import ExecutorName
+from ..jobs.prelabel import Prelabeler
 from ..labelstudio.client import project_key
 from ..model import ZeroShotModel
 from ..review.queues import write
@@ -99,7 +100,7 @@ class ActivateRequest(BaseModel):
 
 class PrelabelRequest(BaseModel):
     project: int = Field(..., ge=1, description="Label Studio project id", examples=[3])
-    executor: Executor | None = Field(
+    executor: ExecutorName | None = Field(
         None, description="local: this process; rq: RQ workers (default: PRELABEL_EXECUTOR)")
 
 
@@ -248,7 +249,7 @@ def _add_prelabel_routes(app: FastAPI, jobs: Prelabeler, settings: Settings) -> 
     async def start_prelabel(body: PrelabelRequest) -> dict[str, Any]:
         """Start pre-labeling every task of the project that has no prediction for the current
         model_version (a running or finished job for that version is resumed, not repeated)."""
-        executor: Executor = body.executor or settings.PRELABEL_EXECUTOR
+        executor: ExecutorName = body.executor or settings.PRELABEL_EXECUTOR
         return await jobs.start(str(body.project), executor)
 
     @app.get("/prelabel")
