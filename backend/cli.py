@@ -37,24 +37,22 @@ from .adapt.registry import HeadRegistry
 from .adapt.report import render
 from .config import Settings, load_settings
 from .corrections.dead_letters import DeadLetters, read_letters, replay
-from .corrections.export import (
-    ExportError,
-    correction_rows,
-    export_corrections,
-    jsonl_chunks,
-    summary,
-)
+from .corrections.export import correction_rows, export_corrections
+from .corrections.summary import summary
 from .errors import (
     ConfigError,
+    ExportError,
     HeadNotFound,
+    JobRunning,
     LabelConfigError,
     LabelStudioError,
     ModelUnavailable,
+    ReviewError,
     StoreUnavailable,
 )
-from .jobs.prelabel import JobRunning
+from .formats import jsonl_chunks
 from .logs import configure_logging, logging_config
-from .review.queues import FORMATS, ReviewError, write
+from .review.queues import FORMATS, write
 from .review.selection import STRATEGIES
 from .store import Store, open_store
 from .web.middleware import OPEN_ROUTES_FIX, exposure
@@ -184,11 +182,11 @@ def _review_command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     try:
         rows, header, data_key = asyncio.run(_review_rows(settings, args, config, params))
-        text = "".join(write(rows, header, args.format, args.kind, data_key))
+        body = b"".join(write(rows, header, args.format, args.kind, data_key))
         if args.output:
-            args.output.write_text(text, encoding="utf-8")
+            args.output.write_bytes(body)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(body.decode())
     except (ConfigError, ReviewError, LabelConfigError, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -264,7 +264,7 @@ def check_workers(settings: Settings) -> Check:
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
-    from .jobs.rq import queue_name
+    from .jobs.executors import queue_name
 
     try:
         connection = Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_TIMEOUT_S)

@@ -13,6 +13,11 @@ log line or in Label Studio's ML-backend status, read by someone who did not wri
     ├── HeadNotFound           a rollback names an adapted head that does not exist (404)
     ├── LabelStudioError       a Label Studio API call failed (names the call and the fix)
     ├── InvalidEvent           a webhook event cannot be recorded as it is (400, names the field)
+    ├── ExportError            an export request is bad: filter, format, output (422)
+    ├── ReviewError            a selection or review cannot be made (422)
+    ├── JobNotFound            no pre-label job has this id (404)
+    ├── JobRunning             another live process is already planning the job (409)
+    ├── VersionMismatch        a worker predicts another model_version than its job's
     └── TaskError              one task cannot be predicted; only that task fails
         └── ImageError         its image cannot be used
             ├── ImageRefused   the image reference is not one we fetch (scheme, form)
@@ -65,6 +70,27 @@ class LabelStudioError(BackendError):
 
 class InvalidEvent(BackendError):
     """A webhook event is malformed: it is refused whole, before anything of it is recorded."""
+
+
+class ExportError(BackendError):
+    """A bad export request (filter, format, output); the message says what to fix."""
+
+
+class ReviewError(BackendError):
+    """A selection or review cannot be made (no predictions, unknown control, bad argument)."""
+
+
+class JobNotFound(BackendError):
+    """No pre-label job has this id."""
+
+
+class JobRunning(BackendError):
+    """Another live process is already planning this job."""
+
+
+class VersionMismatch(BackendError):
+    """This process predicts another model_version than the pre-label job it works on; the
+    message names the settings to align."""
 
 
 class TaskError(BackendError):

@@ -29,7 +29,7 @@ from . import metrics
 from .adapt.registry import ZERO_SHOT_HEAD, ActiveHead, HeadRegistry
 from .adapt.trainer import Trainer
 from .config import Settings
-from .corrections.entries import Entry, entries_from_webhook, prediction_entry
+from .corrections.entries import entries_from_webhook, prediction_entry
 from .corrections.journal import Journal
 from .errors import (
     BackendError,
@@ -37,6 +37,7 @@ from .errors import (
     LimitExceeded,
     ModelUnavailable,
     Overloaded,
+    ReviewError,
     StoreUnavailable,
     TaskError,
 )
@@ -52,8 +53,9 @@ from .predict.predictions import (
     region_id,
     task_prediction,
 )
-from .review.queues import ReviewError, head_probabilities, project_view, review, selection
+from .review.queues import head_probabilities, project_view, review, selection
 from .store import Store, Vector, embedding_key, open_store
+from .store.entry import Entry
 from .zeroshot.encoder import Encoder, ModelSpec, load_encoder
 from .zeroshot.inference import BACKGROUND, FOREGROUND, InferenceWorker, lower_priority
 from .zeroshot.prompts import PromptPlan, check_prompt_count, plan_prompts, prompt_set_hash

@@ -4,7 +4,7 @@
 
 For each store — Redis with `appendfsync always`, Redis with `appendfsync everysec` (a
 redis-server this script starts) and the embedded SQLite store — it measures:
-  store.apply      the store alone, entries applied in a loop: the storage cost;
+  store.apply      the store alone, entries applied in a loop (records.apply): the storage cost;
   model.fit        what /webhook runs, called directly: webhook → entries → journal → store;
   HTTP sequential  ANNOTATION_CREATED webhooks POSTed one at a time on one keep-alive
                    httpx.Client to the app served by uvicorn, as Label Studio sends them;
@@ -39,10 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.config import Settings, load_settings  # noqa: E402
-from backend.corrections.entries import Entry, entries_from_webhook  # noqa: E402
+from backend.corrections.entries import entries_from_webhook  # noqa: E402
 from backend.corrections.journal import Journal  # noqa: E402
+from backend.corrections.records import apply  # noqa: E402
 from backend.model import ZeroShotModel  # noqa: E402
 from backend.store import Store  # noqa: E402
+from backend.store.entry import Entry  # noqa: E402
 from backend.store.redis import RedisStore  # noqa: E402
 from backend.web.app import create_app  # noqa: E402
 from tests.support.backend_server import BackendThread  # noqa: E402
@@ -137,7 +139,7 @@ def measure(label: str, settings: Settings, args: argparse.Namespace) -> list[Ro
     ids = count(1)
     with serving(settings) as (backend, model):
         post_all(backend.url, webhooks(ids, WARM_UP))
-        applies = [partial(model.store.apply, e) for e in entries(ids, args.events)]
+        applies = [partial(apply, model.store, e) for e in entries(ids, args.events)]
         fits = [partial(model.fit, e["action"], e) for e in webhooks(ids, args.events)]
         sequential, parallel = webhooks(ids, args.events), webhooks(ids, args.events)
         return [

@@ -11,7 +11,8 @@ import pytest
 from backend.cli import main
 from backend.config import load_settings
 from backend.corrections.dead_letters import DeadLetters
-from backend.corrections.entries import Entry, entries_from_webhook
+from backend.corrections.entries import entries_from_webhook
+from backend.store.entry import Entry
 from backend.store.sqlite import SqliteStore
 
 from .support.webhooks import annotation_event, choice_result

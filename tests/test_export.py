@@ -23,13 +23,14 @@ import pytest
 from backend.corrections.entries import entries_from_webhook, prediction_entry
 from backend.corrections.export import (
     COLUMNS,
-    ExportError,
     correction_rows,
     export_corrections,
     parse_since,
-    spreadsheet_safe,
-    summary,
 )
+from backend.corrections.records import apply
+from backend.corrections.summary import summary
+from backend.errors import ExportError
+from backend.formats import spreadsheet_safe
 from backend.store import BULK_READ, embedding_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
@@ -95,12 +96,12 @@ def predicted(store, task: int, *regions: dict, project: str = "4") -> None:
     images = {r["from_name"]: {"image_ref": image(task), "embedding_key": KEY1 if task == 1 else None}
               for r in regions}
     prediction = {"model_version": VERSION, "score": min(r["score"] for r in regions), "result": list(regions)}
-    store.apply(prediction_entry(project, task, prediction, images))
+    apply(store, prediction_entry(project, task, prediction, images))
 
 
 def webhook_into(store, event: dict) -> None:
     for entry in entries_from_webhook(event):
-        store.apply(entry)
+        apply(store, entry)
 
 
 def feed(store) -> None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend.corrections.entries import (
-    Entry,
-    build_correction,
-    entries_from_webhook,
-    prediction_entry,
-)
+from backend.corrections.entries import entries_from_webhook, prediction_entry
+from backend.corrections.records import build_correction
 from backend.errors import InvalidEvent
+from backend.store.entry import Entry
 
 from .support.webhooks import (
     annotation_event,

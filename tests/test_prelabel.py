@@ -64,7 +64,8 @@ def test_http_jobs_answer_with_the_fix_and_unknown_jobs_are_404(backend):
 
 
 def test_a_job_whose_process_died_reports_interrupted_with_how_to_resume(tiny_settings, tmp_path):
-    from backend.jobs.prelabel import PLANNER, Prelabeler, new_owner
+    from backend.jobs.prelabel import PLANNER, Prelabeler
+    from backend.jobs.work import new_owner
     from backend.store.jobs import open_ledger
     from backend.store.sqlite import SqliteStore
 
@@ -91,7 +92,7 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
     import asyncio
 
     from backend.errors import LabelStudioError
-    from backend.jobs.prelabel import label_studio_api
+    from backend.jobs.work import label_studio_api
 
     config = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
               '<Choice value="a"/><Choice value="b"/></Choices></View>')
@@ -112,13 +113,14 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
 def test_a_job_ending_while_the_store_is_down_is_logged_not_raised(tiny_settings, caplog):
     """The planner claim is released best-effort: it expires by itself, and an unhandled
     StoreUnavailable here used to surface as "Task exception was never retrieved"."""
-    from backend.jobs.prelabel import PLANNER_TTL_S, JobSpec, Prelabeler
+    from backend.jobs.prelabel import PLANNER_TTL_S, Prelabeler
+    from backend.jobs.work import Job, JobSpec
     from backend.store.jobs import open_ledger
     from backend.store.redis import RedisStore
 
     down = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)  # nothing listens
     jobs = Prelabeler(None, open_ledger(down), tiny_settings)  # type: ignore[arg-type]
     spec = JobSpec(id="3-abc", project="3", model_version="v", label_config="", head="zero-shot")
-    state = asyncio.run(jobs._plan_and_run(spec, "local"))
+    state = asyncio.run(jobs._plan_and_run(Job(jobs.ledger, spec, jobs.owner), "local"))
     assert state["status"] == "unknown" and "store is unavailable" in state["error"]
     assert f"expires within {PLANNER_TTL_S:.0f} s" in caplog.text

@@ -17,8 +17,10 @@ from prometheus_client import REGISTRY
 
 from backend.config import Settings
 from backend.corrections.dead_letters import DeadLetters
-from backend.corrections.entries import Entry, entries_from_webhook
+from backend.corrections.entries import entries_from_webhook
 from backend.corrections.journal import Journal
+from backend.corrections.records import apply
+from backend.store.entry import Entry
 from backend.store.redis import RedisStore
 from backend.web.app import create_app
 
@@ -131,7 +133,7 @@ def crash_mid_replay(own_redis: RedisServer, spool: Path) -> None:
     own_redis.start()
     store = RedisStore(own_redis.url)
     for line in lines[:10]:
-        store.apply(Entry.from_json(line.decode()))
+        apply(store, Entry.from_json(line.decode()))
     store.close()
     own_redis.kill()
     with spool.open("ab") as torn:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from backend.corrections.export import FORMULA_STARTS
+from backend.formats import FORMULA_STARTS
 from backend.review.queues import write
 
 ROW = {"task": "7", "queue": "disagreement", "priority": 0.9, "reason": "=cmd|' /C calc'!A0",
@@ -19,7 +19,7 @@ def test_review_csv_neutralises_text_that_a_spreadsheet_would_run():
     parameters line stays JSON after `# `, and splitting it at its commas (as a spreadsheet
     does) gives no piece that starts a formula."""
     header = {"control": "choice,=HYPERLINK(\"http://evil.example\")", "strategy": "-x,+y,@z"}
-    first, *lines = "".join(write([ROW], header, "csv", "review", "image")).splitlines()
+    first, *lines = b"".join(write([ROW], header, "csv", "review", "image")).decode().splitlines()
     assert first.startswith("# ") and json.loads(first[2:]) == {"export": "review", **header}
     assert not [piece for piece in first.split(",") if piece.startswith(FORMULA_STARTS)]
     (row,) = csv.DictReader(lines)
@@ -29,5 +29,5 @@ def test_review_csv_neutralises_text_that_a_spreadsheet_would_run():
 
 
 def test_review_jsonl_keeps_text_as_it_is():
-    header_line, row_line = "".join(write([ROW], {}, "jsonl", "review", "image")).splitlines()
+    header_line, row_line = b"".join(write([ROW], {}, "jsonl", "review", "image")).decode().splitlines()
     assert json.loads(row_line) == ROW and json.loads(header_line) == {"header": {"export": "review"}}

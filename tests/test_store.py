@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from backend.corrections.entries import entries_from_webhook, prediction_entry
+from backend.corrections.records import apply
 from backend.errors import StoreUnavailable
 from backend.store import BULK_READ, embedding_key, ref_key
 from backend.store.redis import RedisStore
@@ -44,9 +45,9 @@ def created(annotation: int, task: int, *labels: str, **kw):
 
 def test_annotation_is_logged_and_recorded_once(store):
     first = created(1, 7, "Dog")
-    assert store.apply(first) is True
-    assert store.apply(first) is False  # the same webhook again
-    assert store.apply(created(1, 7, "Dog")) is False  # re-delivered: a new arrival, same key
+    assert apply(store, first) is True
+    assert apply(store, first) is False  # the same webhook again
+    assert apply(store, created(1, 7, "Dog")) is False  # re-delivered: a new arrival, same key
     (event,) = store.events()
     assert event["annotation"] == "1" and event["action"] == "ANNOTATION_CREATED"
     (record,) = store.corrections()
@@ -57,31 +58,31 @@ def test_prediction_is_what_corrections_are_compared_with(store):
     prediction = {"model_version": "m:p1", "score": 0.9, "result": [
         {"from_name": "choice", "to_name": "image", "type": "choices",
          "value": {"choices": ["Dog"]}, "score": 0.9, "top_k": []}]}
-    store.apply(prediction_entry("4", 7, prediction, {}))
+    apply(store, prediction_entry("4", 7, prediction, {}))
     assert store.prediction("4", "7")["model_version"] == "m:p1"
-    store.apply(created(1, 7, "Cat"))
+    apply(store, created(1, 7, "Cat"))
     (record,) = store.corrections("4")
     assert record["status"] == "changed" and record["controls"]["choice"]["predicted"] == ["Dog"]
 
 
 def test_update_replaces_the_record_and_history_stays_in_the_log(store):
-    store.apply(created(1, 7, "Dog", updated_at="2026-11-28T10:00:00Z"))
-    store.apply(entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
+    apply(store, created(1, 7, "Dog", updated_at="2026-11-28T10:00:00Z"))
+    apply(store, entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
                                        updated_at="2026-11-28T10:05:00Z")))
     stale = entry(annotation_event(1, 7, choice_result("Bird"), action="ANNOTATION_UPDATED",
                                    updated_at="2026-11-28T10:01:00Z"))
-    store.apply(stale)  # arrives last, but is older: logged, not current
+    apply(store, stale)  # arrives last, but is older: logged, not current
     assert [e["result"][0]["value"]["choices"] for e in store.events()] == [["Dog"], ["Cat"], ["Bird"]]
     (record,) = store.corrections()
     assert record["controls"]["choice"]["final"] == ["Cat"]
 
 
 def test_deletion_marks_records_and_is_idempotent(store):
-    store.apply(created(1, 7, "Dog"))
-    store.apply(created(2, 8, "Cat"))
-    assert store.apply(entry(deleted(1, 99))) is True  # 99: never seen, ignored
-    assert store.apply(entry(deleted(1, 99))) is False
-    store.apply(entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
+    apply(store, created(1, 7, "Dog"))
+    apply(store, created(2, 8, "Cat"))
+    assert apply(store, entry(deleted(1, 99))) is True  # 99: never seen, ignored
+    assert apply(store, entry(deleted(1, 99))) is False
+    apply(store, entry(annotation_event(1, 7, choice_result("Cat"), action="ANNOTATION_UPDATED",
                                        updated_at="2027-01-01T00:00:00Z")))
     records = {r["annotation"]: r for r in store.corrections()}
     assert records["1"]["deleted_at"] is not None and records["2"]["deleted_at"] is None
@@ -91,7 +92,7 @@ def test_deletion_marks_records_and_is_idempotent(store):
 
 def test_projects_are_separate_and_order_is_kept(store):
     for i in range(60):
-        store.apply(created(i, i, "Dog", project_id=1 + i % 2))
+        apply(store, created(i, i, "Dog", project_id=1 + i % 2))
     assert [e["annotation"] for e in store.events()] == [str(i) for i in range(60)]
     assert {r["project"] for r in store.corrections("2")} == {"2"}
     assert len(list(store.corrections("2"))) == 30 and len(list(store.corrections())) == 60
@@ -102,7 +103,7 @@ def test_large_reads_go_on_from_another_thread(store):
     on others: every row must still arrive (the SQLite reader was bound to its first thread)."""
     count = BULK_READ + 100
     for i in range(count):
-        store.apply(created(i, i, "Dog"))
+        apply(store, created(i, i, "Dog"))
     for read in (store.events, store.corrections):
         rows = read()
         with ThreadPoolExecutor(1) as pool:
@@ -177,7 +178,7 @@ def test_sqlite_store_of_an_older_version_treats_its_image_refs_as_unverified(tm
 def test_data_survives_reopening(request, tmp_path):
     for kind in ("sqlite", "redis"):
         first = make(kind, request, tmp_path)
-        first.apply(created(1, 7, "Dog"))
+        apply(first, created(1, 7, "Dog"))
         first.close()
         again = make(kind, request, tmp_path)
         assert len(list(again.events())) == 1 and len(list(again.corrections())) == 1
@@ -186,7 +187,7 @@ def test_data_survives_reopening(request, tmp_path):
 
 def test_redis_keys_all_carry_the_prefix(redis_url):
     store = RedisStore(redis_url, prefix="myteam")
-    store.apply(created(1, 7, "Dog"))
+    apply(store, created(1, 7, "Dog"))
     store.put_embedding(embedding_key("m", b"x"), np.zeros(4, np.float32), "/x.png")
     keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("*")}
     assert keys and all(k.startswith("myteam:") for k in keys)
@@ -195,7 +196,7 @@ def test_redis_keys_all_carry_the_prefix(redis_url):
 def test_unreachable_redis_raises_store_unavailable():
     store = RedisStore("redis://127.0.0.1:9/0", timeout_s=0.2)
     with pytest.raises(StoreUnavailable, match="Redis at 127.0.0.1:9 is unreachable"):
-        store.apply(created(1, 7, "Dog"))
+        apply(store, created(1, 7, "Dog"))
     with pytest.raises(StoreUnavailable):
         store.ping()
 
@@ -218,7 +219,7 @@ def test_heads_are_numbered_per_project_listed_in_order_and_activated(store):
 def test_a_projects_latest_predictions_are_listed(store):
     project = f"listed-{np.random.default_rng().integers(1 << 30)}"
     for task, version in ((3, "m:p1"), (5, "m:p1"), (3, "m:p2")):
-        store.apply(prediction_entry(project, task, {"model_version": version, "score": 0.5,
+        apply(store, prediction_entry(project, task, {"model_version": version, "score": 0.5,
                                                      "result": []}, {}))
     listed = {p["task"]: p["model_version"] for p in store.predictions(project)}
     assert listed == {"3": "m:p2", "5": "m:p1"}

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.jobs.prelabel import claim, new_owner, progress
+from backend.jobs.prelabel import progress
+from backend.jobs.work import claim, new_owner
 from backend.store.jobs import JobLedger, open_ledger
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics
-from ..corrections.entries import timestamp
+from ..corrections.records import timestamp
 from ..errors import BackendError
 from ..labelstudio.label_config import LabelSpace, ParsedConfig
 from ..store import Record, Store, model_embedding_key

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The corrections log: events → entries → records (journal-spooled), and its exports."""

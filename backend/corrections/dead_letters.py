@@ -27,7 +27,9 @@ from typing import Any
 
 from ..errors import StoreUnavailable
 from ..store import Store
-from .entries import Entry, check_entry
+from ..store.entry import Entry
+from .entries import check_entry
+from .records import apply
 
 FILE_NAME = "dead-letters.jsonl"
 Letter = dict[str, Any]
@@ -115,7 +117,7 @@ def replay(store: Store, letters: Iterable[Letter]) -> Replayed:
         try:
             entry = Entry(**letter["entry"])
             check_entry(entry)
-            applied = store.apply(entry)
+            applied = apply(store, entry)
         except StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever stops this one, the rest go on

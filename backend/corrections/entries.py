@@ -1,17 +1,14 @@
-"""Label Studio events → entries of the corrections log, and entries → correction records.
+"""Label Studio events and /predict results → entries of the corrections log.
 
-An `Entry` is the unit the store logs and the spool keeps: small, JSON-safe, with an
-idempotency `key` so a webhook delivered twice (or replayed from the spool after an
+An `Entry` (store/entry.py) is the unit the store logs and the spool keeps: small, JSON-safe,
+with an idempotency `key` so a webhook delivered twice (or replayed from the spool after an
 ambiguous failure) is applied once. Three kinds:
 
 - `prediction`: what `/predict` proposed for a task, per control;
 - `annotation`: one annotation as created or updated (bulk creates are split per annotation);
 - `deletion`: annotation ids Label Studio deleted (`ANNOTATIONS_DELETED` carries ids only).
 
-A correction record is the current state of one annotation compared with what was predicted:
-per control, `final` labels, `predicted` labels (if any) and a status —
-`accepted` (unchanged), `changed`, `added` (nothing was predicted), `removed` (the annotator
-cleared a predicted control) or `skipped` (the annotation was cancelled).
+`check_entry` refuses, before anything is recorded, an entry the store could not apply.
 """
 
 from __future__ import annotations
@@ -20,40 +17,22 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import InvalidEvent, LabelConfigError
 from ..labelstudio.client import project_key
 from ..labelstudio.label_config import parse_label_config
+from ..store.entry import Entry
+from .records import build_correction, region_labels
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["prediction", "annotation", "deletion"]
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETION_ACTION = "ANNOTATIONS_DELETED"
-Labels = list[Any]  # choice values (str) or taxonomy paths (list[str])
 _MALFORMED = (TypeError, KeyError, ValueError, AttributeError, RecursionError)
 """What reading or applying a malformed event raises."""
 _AS_LABEL_STUDIO_DOES = ("fix what sends it: Label Studio sends each annotation's `result` as a "
                          "list of regions, each naming its control in `from_name`")
-
-
-@dataclass(frozen=True)
-class Entry:
-    kind: Kind
-    key: str
-    project: str
-    data: dict[str, Any]
-    received_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> Entry:
-        return cls(**json.loads(text))
 
 
 def _digest(*parts: Any) -> str:
@@ -176,7 +155,7 @@ def prediction_entry(project: str, task_id: Any, prediction: dict[str, Any],
     controls: dict[str, Any] = {}
     for region in prediction.get("result", []):
         name = region["from_name"]
-        controls[name] = {"labels": _labels(region), "score": region.get("score"),
+        controls[name] = {"labels": region_labels(region), "score": region.get("score"),
                           "top_k": region.get("top_k", []), "type": region.get("type"),
                           **images.get(name, {})}
     for name, image in images.items():  # the model abstained: keep the image and how unsure
@@ -186,108 +165,3 @@ def prediction_entry(project: str, task_id: Any, prediction: dict[str, Any],
             "score": prediction.get("score"), "controls": controls,
             "predicted_at": time.time()}
     return Entry("prediction", _digest("prediction", project, task_id, data), project, data)
-
-
-def _labels(region: dict[str, Any]) -> Labels:
-    value = region.get("value")
-    if not isinstance(value, dict):
-        return []
-    kind = region.get("type")
-    labels = value.get("taxonomy") if kind == "taxonomy" else value.get("choices")
-    return list(labels) if isinstance(labels, list) else []
-
-
-# --- entries → correction records ----------------------------------------------------------
-def build_correction(entry: Entry, prediction: dict[str, Any] | None) -> dict[str, Any]:
-    """The current record of an annotation, compared with what was predicted for its task."""
-    data = entry.data
-    predicted = _predicted_controls(data["prediction_snapshot"], prediction)
-    snapshot_version = data["prediction_snapshot"].get("model_version")
-    final = {region["from_name"]: (_labels(region), region.get("type"))
-             for region in data["result"] if isinstance(region, dict) and "from_name" in region}
-    controls = {}
-    for name in dict.fromkeys([*predicted, *final]):
-        labels, kind = final.get(name, ([], None))
-        shown = predicted.get(name)
-        guess = None if shown is not None and shown.get("abstained") else shown
-        if guess is None and not labels and name not in final:
-            continue  # the model abstained and the annotator left it empty: nothing happened
-        image_ref = data["images"].get(name) or (shown or {}).get("image_ref")
-        same_image = (shown or {}).get("image_ref") == image_ref
-        controls[name] = {
-            "final": labels,
-            "predicted": guess["labels"] if guess else None,
-            "status": _status(data["was_cancelled"], guess, labels),
-            "type": kind or (guess or {}).get("type"),
-            "predicted_score": (guess or {}).get("score"),
-            "top_k": (guess or {}).get("top_k", []),
-            "image_ref": image_ref,
-            # the key of the image as it was predicted: only if the task still shows it
-            "embedding_key": (shown or {}).get("embedding_key") if same_image else None,
-        }
-    return {
-        "project": entry.project, "task": data["task"], "annotation": data["annotation"],
-        "annotator": data["annotator"], "ground_truth": data["ground_truth"],
-        "was_cancelled": data["was_cancelled"], "lead_time": data["lead_time"],
-        "created_at": data["created_at"], "updated_at": data["updated_at"],
-        "received_at": entry.received_at,
-        "model_version": _version(snapshot_version if data["prediction_snapshot"]["result"]
-                                  else None, prediction),
-        "status": _overall(data["was_cancelled"], controls), "controls": controls,
-        "deleted_at": None,
-    }
-
-
-def _predicted_controls(snapshot: dict[str, Any],
-                        prediction: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """What the annotator was shown: Label Studio's snapshot of the prediction when it kept one
-    (a later re-prediction may differ), else our log of the latest proposal. Our log still
-    supplies the image reference and embedding key."""
-    controls = {name: dict(control)
-                for name, control in (prediction or {}).get("controls", {}).items()}
-    for region in snapshot.get("result", []):
-        if isinstance(region, dict) and "from_name" in region:
-            shown = controls.setdefault(region["from_name"], {})
-            shown.update(labels=_labels(region), score=region.get("score"),
-                         top_k=region.get("top_k", []), type=region.get("type"), abstained=False)
-    return controls
-
-
-def _version(snapshot_version: Any, prediction: dict[str, Any] | None) -> str | None:
-    version = snapshot_version or (prediction or {}).get("model_version")
-    return str(version) if version else None
-
-
-def _status(cancelled: bool, guess: dict[str, Any] | None, final: Labels) -> str:
-    if cancelled:
-        return "skipped"
-    if guess is None:
-        return "added"
-    if not final:
-        return "removed"
-    return "accepted" if _same(guess["labels"], final) else "changed"
-
-
-def _same(a: Labels, b: Labels) -> bool:
-    def canon(labels: Labels) -> set[str]:
-        return {json.dumps(label, ensure_ascii=False) for label in labels}
-    return canon(a) == canon(b)
-
-
-def _overall(cancelled: bool, controls: dict[str, dict[str, Any]]) -> str:
-    statuses = {control["status"] for control in controls.values()}
-    if cancelled:
-        return "skipped"
-    if not statuses or statuses == {"added"}:
-        return "added"
-    return "accepted" if statuses == {"accepted"} else "changed"
-
-
-def timestamp(value: Any) -> float:
-    """Label Studio's ISO timestamps as seconds since the epoch (0.0 when absent)."""
-    if not isinstance(value, str) or not value:
-        return 0.0
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0

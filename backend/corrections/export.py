@@ -1,5 +1,5 @@
 """The corrections dataset: one flat row per annotation and control, as JSONL, CSV or Parquet
-(optionally with each image's embedding), and the model-vs-human summary of those rows.
+(optionally with each image's embedding). Its model-vs-human summary: corrections/summary.py.
 
 Rows are built from the store's current correction records (`Store.corrections`), in the
 store's order. Columns, in this order (`COLUMNS`):
@@ -15,20 +15,13 @@ Parquet every label is a path (a choice is a one-element path), so both share on
 With embeddings: `has_embedding`, plus `embedding` (Parquet) or `embedding_row` (the row of the
 companion `.npy`, float32, shape (rows, dim), NaN rows where missing; JSONL and CSV).
 
-Over HTTP, JSONL and CSV are streamed (`streamed`): they end with a trailer record saying the
-export is complete and how many rows it holds, or, if it fails part-way, that it is not and
-why, and the transfer is broken off. CSV cells are neutralised against formula injection
-(`spreadsheet_safe`).
+JSONL and CSV are written by formats.py: over HTTP they are streamed with a trailer record
+(`formats.streamed`), and CSV cells are neutralised against formula injection.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
-from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,20 +34,17 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import BackendError
+from ..errors import ExportError
+from ..formats import write_csv, write_jsonl
 from ..labelstudio.client import project_key
 from ..store import Store, Vector, model_embedding_key
-from .entries import timestamp
-
-log = logging.getLogger(__name__)
+from .records import updated_ts
 
 Row = dict[str, Any]
 Matrix = npt.NDArray[np.float32]
 Since = datetime | str | float | int | None
 
 FORMATS = ("jsonl", "csv", "parquet")
-MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
-               "parquet": "application/vnd.apache.parquet"}
 COLUMNS = ("project", "task", "annotation", "annotator", "control", "type", "status",
            "predicted", "final", "predicted_score", "top_k", "image_ref", "embedding_key",
            "model_version", "ground_truth", "was_cancelled", "lead_time", "created_at",
@@ -62,18 +52,7 @@ COLUMNS = ("project", "task", "annotation", "annotator", "control", "type", "sta
 RECORD_FIELDS = ("project", "task", "annotation", "model_version", "ground_truth",
                  "was_cancelled", "lead_time", "created_at", "updated_at", "received_at",
                  "deleted_at")
-TRAILER = "_export"
-"""Key of a streamed export's last record: `{"_export": {"complete": true, "rows": N}}` (in CSV,
-the same JSON on a last line that starts with `# `); `complete: false` and `error` on failure."""
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-"""What a spreadsheet may read as the start of a formula (OWASP, CSV injection)."""
 CHANGED = frozenset({"changed", "added", "removed"})
-COMPARED = ("accepted", "changed", "removed")
-"""Statuses of rows where the model proposed something and the annotator did not skip."""
-
-
-class ExportError(ValueError):
-    """A bad export request (filter, format, output); the message says what to fix."""
 
 
 @dataclass
@@ -141,10 +120,6 @@ def correction_rows(store: Store, *, project: Any = None, since: Since = None,
                 yield row
 
 
-def updated_ts(record: Row) -> float:
-    return timestamp(record.get("updated_at")) or float(record.get("received_at") or 0.0)
-
-
 def record_rows(record: Row) -> Iterator[Row]:
     """One row per control of a correction record (one row with no control if it has none)."""
     base = {name: record.get(name) for name in RECORD_FIELDS}
@@ -203,93 +178,7 @@ def _dimension(vectors: Sequence[Vector | None]) -> int:
     return sizes.pop() if sizes else 0
 
 
-# --- writers -------------------------------------------------------------------------------
-def jsonl_chunks(rows: Iterable[Row]) -> Iterator[bytes]:
-    for row in rows:
-        yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
-
-
-def csv_chunks(rows: Iterable[Row], columns: Sequence[str] = COLUMNS) -> Iterator[bytes]:
-    """CSV with a header; null is an empty cell, other non-strings are JSON (lists, true)."""
-    yield _csv_line(columns)
-    for row in rows:
-        yield _csv_line([_cell(row.get(column)) for column in columns])
-
-
-def _csv_line(cells: Sequence[str]) -> bytes:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(cells)
-    return buffer.getvalue().encode()
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return spreadsheet_safe(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def spreadsheet_safe(text: str) -> str:
-    """A text cell as OWASP advises against CSV injection: one starting with = + - @, tab or
-    carriage return gets a leading apostrophe, so a spreadsheet shows it instead of running
-    it. (Numbers, lists and the like are written as JSON and left alone.)"""
-    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
-
-
-def comment_line(value: Any) -> str:
-    """`# ` and `value` as JSON, for a CSV's comment line. A spreadsheet splits the line at its
-    commas: a comma inside a string is escaped (as JSON allows) where the next character could
-    start a formula, so no piece does; between JSON values a comma is followed by a space."""
-    text = json.dumps(value, ensure_ascii=False)
-    for start in "=+-@":
-        text = text.replace(f",{start}", f"\\u002c{start}")
-    return f"# {text}"
-
-
-def write_jsonl(rows: Iterable[Row], fp: IO[bytes]) -> None:
-    fp.writelines(jsonl_chunks(rows))
-
-
-def write_csv(rows: Iterable[Row], fp: IO[bytes], columns: Sequence[str] = COLUMNS) -> None:
-    fp.writelines(csv_chunks(rows, columns))
-
-
-def streamed(rows: Iterable[Row], fmt: str, trailer: bool = True) -> Iterator[bytes]:
-    """An HTTP export's body: `rows` as JSONL or CSV, then (with `trailer`) the trailer record
-    with the number of rows. If the export fails part-way, the trailer says so (with or without
-    `trailer`) and the error is raised again, so that the server breaks off the transfer: the
-    client sees an incomplete body, never a clean end."""
-    written = -1 if fmt == "csv" else 0  # the CSV header is not a row
-    try:
-        for chunk in csv_chunks(rows) if fmt == "csv" else jsonl_chunks(rows):
-            yield chunk
-            written += 1
-    except Exception as exc:
-        written = max(written, 0)
-        log.warning("export interrupted after %d rows, transfer broken off: %s", written, exc)
-        yield trailer_line(fmt, written, _failure(exc))
-        raise
-    if trailer:
-        yield trailer_line(fmt, written)
-
-
-def trailer_line(fmt: str, rows: int, error: str | None = None) -> bytes:
-    """The trailer: a JSONL record, or a CSV comment line."""
-    state: Row = {"complete": error is None, "rows": rows}
-    if error is not None:
-        state["error"] = error
-    if fmt == "csv":
-        return f"{comment_line({TRAILER: state})}\r\n".encode()
-    return (json.dumps({TRAILER: state}, ensure_ascii=False) + "\n").encode()
-
-
-def _failure(exc: Exception) -> str:
-    reason = (str(exc) if isinstance(exc, BackendError)
-              else f"internal error ({type(exc).__name__}), see the backend's log")
-    return f"{reason}; this export is incomplete: fix that and export again"
-
-
+# --- Parquet -------------------------------------------------------------------------------
 PATH = pa.list_(pa.string())
 SCHEMA = pa.schema([
     ("project", pa.string()), ("task", pa.string()), ("annotation", pa.string()),
@@ -425,106 +314,3 @@ def _write(fmt: str, rows: Iterable[Row], fp: IO[bytes], matrix: Matrix | None) 
         write_csv(rows, fp, columns)
     else:
         write_jsonl(rows, fp)
-
-
-# --- summary -------------------------------------------------------------------------------
-@dataclass
-class Tally:
-    """Rows counted by status; acceptance = accepted / compared, where compared rows are those
-    with a prediction that the annotator did not skip (accepted, changed or removed)."""
-
-    rows: int = 0
-    annotations: set[str] = field(default_factory=set)
-    statuses: Counter[str] = field(default_factory=Counter)
-
-    def add(self, row: Row) -> None:
-        self.rows += 1
-        self.annotations.add(row["annotation"])
-        self.statuses[str(row["status"])] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        compared = sum(self.statuses[status] for status in COMPARED)
-        return {"rows": self.rows, "annotations": len(self.annotations),
-                "by_status": dict(sorted(self.statuses.items())), "compared": compared,
-                "accepted": self.statuses["accepted"],
-                "acceptance_rate": _rate(self.statuses["accepted"], compared)}
-
-
-@dataclass
-class ControlTally(Tally):
-    """A control's tally, plus over its compared rows: predicted → final label pairs (single
-    label) and per-label agreement (all controls; the only view for multi-label ones)."""
-
-    type: str | None = None
-    multi_label: bool = False
-    pairs: Counter[tuple[Hashable, Hashable]] = field(default_factory=Counter)
-    labels: dict[Hashable, Counter[str]] = field(default_factory=dict)
-
-    def add(self, row: Row) -> None:
-        super().add(row)
-        self.type = self.type or row["type"]
-        if row["status"] not in COMPARED:
-            return
-        predicted, final = _keys(row["predicted"]), _keys(row["final"])
-        self.multi_label |= len(predicted) > 1 or len(final) > 1
-        self.pairs[(predicted[0] if predicted else None, final[0] if final else None)] += 1
-        for label in dict.fromkeys([*predicted, *final]):
-            counts = self.labels.setdefault(label, Counter())
-            counts.update(predicted=label in predicted, final=label in final,
-                          agreed=label in predicted and label in final)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "multi_label": self.multi_label, **super().as_dict(),
-                "confusion": None if self.multi_label else self._confusion(),
-                "labels": [_agreement(label, counts) for label, counts
-                           in sorted(self.labels.items(), key=lambda item: repr(item[0]))]}
-
-    def _confusion(self) -> list[dict[str, Any]]:
-        ordered = sorted(self.pairs.items(), key=lambda item: (-item[1], repr(item[0])))
-        return [{"predicted": _label(pair[0]), "final": _label(pair[1]), "count": count}
-                for pair, count in ordered]
-
-
-def summary(rows: Iterable[Row]) -> dict[str, Any]:
-    """Model vs human over `rows` (see README): totals, per control, per annotator, per
-    model_version. JSON-serialisable; rates are rounded to 4 places, null when undefined."""
-    total = Tally()
-    controls: dict[str, ControlTally] = {}
-    annotators: dict[Any, Tally] = {}
-    versions: dict[Any, Tally] = {}
-    for row in rows:
-        total.add(row)
-        annotators.setdefault(row["annotator"], Tally()).add(row)
-        versions.setdefault(row["model_version"], Tally()).add(row)
-        if row["control"] is not None:
-            controls.setdefault(row["control"], ControlTally()).add(row)
-    return {**total.as_dict(),
-            "controls": {name: tally.as_dict() for name, tally in sorted(controls.items())},
-            "annotators": _by(annotators, "annotator"),
-            "model_versions": _by(versions, "model_version")}
-
-
-def _by(tallies: dict[Any, Tally], name: str) -> list[dict[str, Any]]:
-    """Busiest first."""
-    ordered = sorted(tallies.items(), key=lambda item: (-item[1].rows, str(item[0])))
-    return [{name: key, **tally.as_dict()} for key, tally in ordered]
-
-
-def _keys(labels: list[Any] | None) -> list[Hashable]:
-    """Labels as hashable keys (taxonomy paths as tuples), without duplicates."""
-    keys = (tuple(label) if isinstance(label, list) else label for label in labels or [])
-    return list(dict.fromkeys(keys))
-
-
-def _label(key: Hashable) -> Any:
-    return list(key) if isinstance(key, tuple) else key
-
-
-def _agreement(label: Hashable, counts: Counter[str]) -> dict[str, Any]:
-    return {"label": _label(label), "predicted": counts["predicted"], "final": counts["final"],
-            "agreed": counts["agreed"], "precision": _rate(counts["agreed"], counts["predicted"]),
-            "recall": _rate(counts["agreed"], counts["final"])}
-
-
-def _rate(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole else None

@@ -31,8 +31,9 @@ from typing import IO
 from .. import metrics
 from ..errors import StoreUnavailable
 from ..store import Store
+from ..store.entry import Entry
 from .dead_letters import DeadLetters
-from .entries import Entry
+from .records import apply
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0
@@ -91,7 +92,7 @@ class Journal:
         """Apply entries until the store is unavailable; how many were dealt with."""
         for done, entry in enumerate(entries):
             try:
-                self.store.apply(entry)
+                apply(self.store, entry)
             except StoreUnavailable as exc:
                 log.warning("store unavailable, spooling %d entries: %s",
                             len(entries) - done, exc)
@@ -195,7 +196,7 @@ class Journal:
         if not line.endswith(b"\n"):
             log.error("dropping a torn spool line (written during a crash, never acknowledged)")
             return
-        self.store.apply(Entry.from_json(line.decode("utf-8")))
+        apply(self.store, Entry.from_json(line.decode("utf-8")))
 
     def _count_pending(self) -> int:
         """Entries an earlier run left, after undoing what a crash can leave behind: an offset

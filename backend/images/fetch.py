@@ -51,6 +51,13 @@ class Fetched:
     """Where the bytes came from, for error messages (never contains a token)."""
 
 
+def address_policy(settings: Settings) -> AddressPolicy:
+    """Which addresses task images may come from: public ones, the Label Studio host and
+    IMAGE_URL_ALLOWLIST (`.for_label_studio()`: for requests to Label Studio itself)."""
+    ls_hosts = [origin(settings.LABEL_STUDIO_URL)[1]] if settings.LABEL_STUDIO_URL else []
+    return AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, ls_hosts)
+
+
 class ImageFetcher:
     """Downloads task images with one shared client, a concurrency cap and hard limits."""
 
@@ -59,8 +66,7 @@ class ImageFetcher:
         self.deadline_s = settings.FETCH_TIMEOUT_S
         self.local_root = settings.LOCAL_FILES_DOCUMENT_ROOT
         self._limit = asyncio.Semaphore(settings.FETCH_CONCURRENCY)
-        ls_hosts = [origin(settings.LABEL_STUDIO_URL)[1]] if settings.LABEL_STUDIO_URL else []
-        self.policy = AddressPolicy.parse(settings.IMAGE_URL_ALLOWLIST, ls_hosts)
+        self.policy = address_policy(settings)
         self.ls_policy = self.policy.for_label_studio()
         """For requests to a project's own Label Studio origin, and nothing else."""
         limits = httpx.Limits(max_connections=settings.FETCH_CONCURRENCY * 2,

@@ -15,53 +15,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ..config import Settings
-from ..errors import ConfigError
 from ..store.jobs import JobLedger, open_ledger
-from .prelabel import JobSpec, Task, new_owner, work_item
+from .executors import rq_queue
+from .predictor import Predictor, Task
+from .work import Job, JobSpec, new_owner, work_item
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ITEM_TIMEOUT_S = 900
-"""RQ stops an item after this long (a stuck download cannot hold a worker forever)."""
 MODEL_WAIT_S = 900.0
 
 
-def queue_name(settings: Settings) -> str:
-    return f"{settings.STORE_PREFIX}-prelabel"
-
-
-def _queue(settings: Settings) -> Any:
-    if not settings.REDIS_URL:
-        raise ConfigError("pre-label workers share jobs through Redis: set REDIS_URL (the same "
-                          "on the backend and every worker), or use the local executor")
-    from redis import Redis
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    connection = Redis.from_url(settings.REDIS_URL, socket_timeout=30)
-    return Queue(queue_name(settings), connection=connection, serializer=JSONSerializer)
-
-
-def enqueuer(settings: Settings) -> Callable[[JobSpec, list[Task]], None]:
-    """A function that puts one work item on the queue."""
-    queue = _queue(settings)
-
-    def enqueue(spec: JobSpec, tasks: list[Task]) -> None:
-        queue.enqueue("backend.jobs.rq.run_item", asdict(spec), tasks,
-                      job_timeout=ITEM_TIMEOUT_S, result_ttl=3600, failure_ttl=7 * 86400,
-                      description=f"pre-label job {spec.id}: {len(tasks)} tasks")
-
-    return enqueue
-
-
-class WorkerRuntime:
-    """The model and its event loop, kept for the worker process's whole life."""
+class RqRuntime:
+    """The model and its event loop, kept for the RQ worker process's whole life."""
 
     def __init__(self, settings: Settings) -> None:
         from ..model import ZeroShotModel
@@ -71,6 +41,7 @@ class WorkerRuntime:
                                         daemon=True)
         self._thread.start()
         self.model = ZeroShotModel(settings)
+        self.predictor: Predictor = self.model
         self.ledger: JobLedger = open_ledger(self.model.store)
         self.owner = new_owner()
         self.call(self._start())
@@ -88,7 +59,7 @@ class WorkerRuntime:
         self._thread.join(10)
 
 
-_RUNTIME: WorkerRuntime | None = None
+_RUNTIME: RqRuntime | None = None
 
 
 def run_item(spec: dict[str, Any], tasks: list[Task]) -> dict[str, int]:
@@ -97,8 +68,8 @@ def run_item(spec: dict[str, Any], tasks: list[Task]) -> dict[str, int]:
         raise RuntimeError("pre-label items need the model: run them with `python -m backend "
                            "worker`, not a plain `rq worker`")
     runtime = _RUNTIME
-    return runtime.call(work_item(runtime.model, runtime.ledger, JobSpec(**spec), tasks,
-                                  runtime.owner))
+    job = Job(runtime.ledger, JobSpec(**spec), runtime.owner)
+    return runtime.call(work_item(runtime.predictor, job, tasks))
 
 
 def serve(settings: Settings, *, burst: bool = False) -> int:
@@ -106,8 +77,8 @@ def serve(settings: Settings, *, burst: bool = False) -> int:
     global _RUNTIME
     from rq.worker import SimpleWorker
 
-    queue = _queue(settings)
-    runtime = _RUNTIME = WorkerRuntime(settings)
+    queue = rq_queue(settings)
+    runtime = _RUNTIME = RqRuntime(settings)
     log.info("pre-label worker %s ready on queue %s (model %s)", runtime.owner, queue.name,
              runtime.model.model_label)
     try:

@@ -14,8 +14,7 @@ header line) and a Label Studio import (tasks with the scores as data fields to 
 
 from __future__ import annotations
 
-import csv
-import io
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ import torch
 
 from ..adapt.fit import MIN_EXAMPLES, Adapter, Examples, adapt, normalise_rows, zero_shot_logits
 from ..adapt.trainer import cached_embedding, target_row, unusable
-from ..corrections.export import comment_line, spreadsheet_safe
-from ..errors import BackendError
+from ..errors import ReviewError
+from ..formats import columns_of, comment_line, csv_chunks, jsonl_chunks, labelstudio_chunks
 from ..labelstudio.label_config import LabelSpace
 from ..store import Record, Store
 from ..zeroshot.scoring import Head, probabilities
@@ -39,10 +38,6 @@ Array = npt.NDArray[np.float64]
 Row = dict[str, Any]
 FORMATS = ("jsonl", "csv", "labelstudio")
 MIN_FOR_PRECISION_THRESHOLD = 20
-
-
-class ReviewError(BackendError):
-    """A selection or review cannot be made (no predictions, unknown control, bad argument)."""
 
 
 @dataclass(frozen=True)
@@ -193,39 +188,17 @@ def _row(view: ProjectView, probs: Array, measured: dict[str, Array], i: int,
 
 # --- writers -----------------------------------------------------------------------------------
 def write(rows: list[Row], params: dict[str, Any], fmt: str, kind: str,
-          data_key: str) -> Iterator[str]:
+          data_key: str) -> Iterator[bytes]:
     """The rows as `fmt`; the header (strategy and parameters) goes first in JSONL and CSV."""
     if fmt not in FORMATS:
         raise ReviewError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     header = {"export": kind, **params}
     if fmt == "jsonl":
-        yield json.dumps({"header": header}, ensure_ascii=False) + "\n"
-        for row in rows:
-            yield json.dumps(row, ensure_ascii=False) + "\n"
-    elif fmt == "csv":
-        yield comment_line(header) + "\n"
-        yield _csv(rows)
-    else:
-        yield json.dumps(_label_studio_tasks(rows, header, data_key), ensure_ascii=False)
-
-
-def _csv(rows: list[Row]) -> str:
-    if not rows:
-        return ""
-    buffer = io.StringIO()
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    writer = csv.DictWriter(buffer, fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    """Lists as JSON; text neutralised against formula injection (export.spreadsheet_safe)."""
-    if isinstance(value, list):
-        return json.dumps(value, ensure_ascii=False)
-    return spreadsheet_safe(value) if isinstance(value, str) else value
+        return jsonl_chunks([{"header": header}, *rows])
+    if fmt == "csv":
+        table = csv_chunks(rows, columns_of(rows)) if rows else iter(())
+        return itertools.chain([f"{comment_line(header)}\n".encode()], table)
+    return labelstudio_chunks(_label_studio_tasks(rows, header, data_key))
 
 
 def _label_studio_tasks(rows: list[Row], header: dict[str, Any], data_key: str) -> list[Record]:

@@ -2,8 +2,10 @@
 
 `Store` is the contract; `RedisStore` (store/redis.py, when REDIS_URL is set: shared by every
 replica and worker) and `SqliteStore` (store/sqlite.py, embedded in MODEL_DIR: zero services)
-implement it, and the same contract tests run against both. `Journal` (store/journal.py)
-wraps either with a local spool so a store outage never loses a write.
+implement it, and the same contract tests run against both. The store keeps records and
+makes each write atomic; what a record holds is decided above it (corrections/records.py).
+`Journal` (corrections/journal.py) wraps either with a local spool so a store outage never
+loses a write.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..config import Settings
-from ..corrections.entries import Entry, build_correction, timestamp
+from .entry import Entry
 
 Record = dict[str, Any]
 ZERO_SHOT = "zero-shot"
@@ -31,8 +33,18 @@ BULK_READ = 500
 
 
 class Store(Protocol):
-    def apply(self, entry: Entry) -> bool:
-        """Apply one log entry; False if its key was applied before (idempotent)."""
+    def put_prediction(self, entry: Entry) -> bool:
+        """Keep a `prediction` entry as its task's latest prediction."""
+        ...
+
+    def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+        """Atomically: skip if `entry.key` was seen (False); log it; replace the annotation's
+        record with `record` unless the stored one is newer than `updated` or deleted."""
+        ...
+
+    def commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+        """Atomically: skip if `entry.key` was seen (False); log it; mark the annotations'
+        records deleted."""
         ...
 
     def events(self) -> Iterator[Record]:
@@ -116,16 +128,7 @@ def unpack(data: bytes) -> Vector:
 
 
 class BaseStore(ABC):
-    """The logic both stores share; subclasses make each step atomic in their own way."""
-
-    def apply(self, entry: Entry) -> bool:
-        if entry.kind == "prediction":
-            return self._put_prediction(entry)
-        if entry.kind == "deletion":
-            return self._commit_deletion(entry, entry.data["annotations"])
-        prediction = self.prediction(entry.project, entry.data["task"])
-        record = build_correction(entry, prediction)
-        return self._commit_annotation(entry, record, timestamp(entry.data["updated_at"]))
+    """What both stores share; subclasses make each write atomic in their own way."""
 
     @staticmethod
     def log_event(entry: Entry) -> str:
@@ -135,19 +138,16 @@ class BaseStore(ABC):
                           sort_keys=True, ensure_ascii=False)
 
     @abstractmethod
-    def _put_prediction(self, entry: Entry) -> bool: ...
+    def put_prediction(self, entry: Entry) -> bool: ...
 
     @abstractmethod
-    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+    def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
         """Atomically: skip if `entry.key` was seen; log it; replace the annotation's record
         unless the stored one is newer or deleted."""
 
     @abstractmethod
-    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+    def commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
         """Atomically: skip if seen; log it; mark the annotations' records deleted."""
-
-    @abstractmethod
-    def prediction(self, project: str, task: str) -> Record | None: ...
 
 
 def open_store(settings: Settings) -> Store:

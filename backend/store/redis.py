@@ -19,9 +19,9 @@ from typing import Any
 import redis
 
 from .. import metrics
-from ..corrections.entries import Entry
 from ..errors import StoreUnavailable
 from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .entry import Entry
 from .keys import Keys
 
 _COMMIT_ANNOTATION = """
@@ -96,7 +96,7 @@ class RedisStore(BaseStore):
         kwargs = self._redis.connection_pool.connection_kwargs
         return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
 
-    def _put_prediction(self, entry: Entry) -> bool:
+    def put_prediction(self, entry: Entry) -> bool:
         record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self.keys.prediction(entry.project, entry.data["task"]), record)
@@ -104,7 +104,7 @@ class RedisStore(BaseStore):
         self._call(pipe.execute)
         return True
 
-    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+    def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
         k = self.keys
         annotation, project = record["annotation"], entry.project
         keys = [k.seen(), k.log(), k.correction(annotation), k.corrections(project),
@@ -113,7 +113,7 @@ class RedisStore(BaseStore):
                 repr(updated), annotation]
         return bool(self._call(self._annotation, keys=keys, args=args))
 
-    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+    def commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
         keys = [self.keys.seen(), self.keys.log(), *map(self.keys.correction, annotations)]
         args = [entry.key, self.log_event(entry), repr(entry.received_at)]
         return bool(self._call(self._deletion, keys=keys, args=args))

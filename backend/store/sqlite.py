@@ -22,9 +22,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..corrections.entries import Entry
 from ..errors import StoreUnavailable
 from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .entry import Entry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -94,14 +94,14 @@ class SqliteStore(BaseStore):
                     db.execute(*statement)
         return first
 
-    def _put_prediction(self, entry: Entry) -> bool:
+    def put_prediction(self, entry: Entry) -> bool:
         record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
         return bool(self._write([(
             "INSERT INTO predictions VALUES (?, ?, ?) ON CONFLICT (project, task) "
             "DO UPDATE SET record = excluded.record",
             (entry.project, entry.data["task"], record))]))
 
-    def _commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
+    def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
         return bool(self._write([
             ("INSERT OR IGNORE INTO log (key, project, event) VALUES (?, ?, ?)",
              (entry.key, entry.project, self.log_event(entry))),
@@ -113,7 +113,7 @@ class SqliteStore(BaseStore):
               json.dumps(record, ensure_ascii=False))),
         ]))
 
-    def _commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
+    def commit_deletion(self, entry: Entry, annotations: list[str]) -> bool:
         marks = [("UPDATE corrections SET deleted_at = ? "
                   "WHERE annotation = ? AND deleted_at IS NULL",
                   (entry.received_at, annotation)) for annotation in annotations]

@@ -36,23 +36,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, metrics
 from ..config import Settings, load_settings
 from ..corrections import export
+from ..corrections.summary import summary
 from ..errors import (
     BackendError,
     ConfigError,
+    ExportError,
     HeadNotFound,
     InvalidEvent,
+    JobNotFound,
+    JobRunning,
     LabelConfigError,
     LabelStudioError,
     LimitExceeded,
     ModelUnavailable,
     Overloaded,
+    ReviewError,
     StoreUnavailable,
     TaskError,
 )
-from ..jobs.prelabel import Executor, JobNotFound, JobRunning, Prelabeler
+from ..formats import EXTENSIONS, MEDIA_TYPES, jsonl_chunks, streamed
+from ..jobs.executors import ExecutorName
+from ..jobs.prelabel import Prelabeler
 from ..labelstudio.client import project_key
 from ..model import ZeroShotModel
-from ..review.queues import ReviewError, write
+from ..review.queues import write
 from ..store.jobs import open_ledger
 from .middleware import install_middleware, too_large
 
@@ -93,7 +100,7 @@ class ActivateRequest(BaseModel):
 
 class PrelabelRequest(BaseModel):
     project: int = Field(..., ge=1, description="Label Studio project id", examples=[3])
-    executor: Executor | None = Field(
+    executor: ExecutorName | None = Field(
         None, description="local: this process; rq: RQ workers (default: PRELABEL_EXECUTOR)")
 
 
@@ -242,7 +249,7 @@ def _add_prelabel_routes(app: FastAPI, jobs: Prelabeler, settings: Settings) -> 
     async def start_prelabel(body: PrelabelRequest) -> dict[str, Any]:
         """Start pre-labeling every task of the project that has no prediction for the current
         model_version (a running or finished job for that version is resumed, not repeated)."""
-        executor: Executor = body.executor or settings.PRELABEL_EXECUTOR
+        executor: ExecutorName = body.executor or settings.PRELABEL_EXECUTOR
         return await jobs.start(str(body.project), executor)
 
     @app.get("/prelabel")
@@ -278,14 +285,14 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
                                    "include_deleted": include_deleted}
         if fmt == "parquet":
             body = await asyncio.to_thread(_parquet, model, filters, embeddings)
-            return Response(body, media_type=export.MEDIA_TYPES[fmt], headers=headers)
+            return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
         if embeddings:
-            raise export.ExportError("embeddings=true is supported only with format=parquet "
+            raise ExportError("embeddings=true is supported only with format=parquet "
                                      "over HTTP (JSONL and CSV carry them in a separate .npy: "
                                      "use the CLI)")
         rows = await asyncio.to_thread(_started, export.correction_rows(model.store, **filters))
-        return StreamingResponse(export.streamed(rows, fmt, trailer),
-                                 media_type=export.MEDIA_TYPES[fmt], headers=headers)
+        return StreamingResponse(streamed(rows, fmt, export.COLUMNS, trailer),
+                                 media_type=MEDIA_TYPES[fmt], headers=headers)
 
     @app.get("/export/selection")
     async def export_selection(
@@ -315,8 +322,8 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
         """Log entries the store could never apply, each with why (JSONL): fix their `entry`
         and apply them with `python -m backend replay dead-letters --input FILE`."""
         letters = await asyncio.to_thread(model.journal.dead_letters.read)
-        return Response(b"".join(export.jsonl_chunks(letters)),
-                        media_type="application/x-ndjson", headers={
+        return Response(b"".join(jsonl_chunks(letters)),
+                        media_type=MEDIA_TYPES["jsonl"], headers={
                             "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
 
     @app.get("/export/summary")
@@ -324,17 +331,15 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
                              since: str | None = None) -> dict[str, Any]:
         export.parse_since(since)
         rows = export.correction_rows(model.store, project=project, since=since)
-        return await asyncio.to_thread(export.summary, rows)
+        return await asyncio.to_thread(summary, rows)
 
 
 def _review_response(rows: list[dict[str, Any]], header: dict[str, Any], fmt: str, kind: str,
                      data_key: str, project: str) -> Response:
-    body = "".join(write(rows, header, fmt, kind, data_key))
-    suffix = {"jsonl": "jsonl", "csv": "csv", "labelstudio": "json"}[fmt]
-    media = {"jsonl": "application/x-ndjson", "csv": "text/csv",
-             "labelstudio": "application/json"}[fmt]
+    body = b"".join(write(rows, header, fmt, kind, data_key))
+    suffix = EXTENSIONS[fmt]
     name = f"{kind}-project-{project}.{suffix}" if project.isdigit() else f"{kind}.{suffix}"
-    return Response(body, media_type=media,
+    return Response(body, media_type=MEDIA_TYPES[fmt],
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
@@ -406,4 +411,4 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     app.add_exception_handler(BackendError, backend_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(export.ExportError, bad_export)
+    app.add_exception_handler(ExportError, bad_export)
