@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adapt.fit import Examples, adapt, label_text_vectors, zero_shot_logits
+from backend.adapt.adapter import zero_shot_logits
+from backend.adapt.fit import Examples, adapt, label_text_vectors
 from backend.adapt.registry import ActiveHead, adapter_document, adapter_from_document, space_digest
 from backend.labelstudio.label_config import parse_label_config
 from backend.zeroshot.scoring import Head

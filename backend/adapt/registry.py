@@ -21,8 +21,8 @@ import numpy as np
 from ..errors import HeadNotFound
 from ..labelstudio.label_config import LabelSpace
 from ..store import ZERO_SHOT, Record, Store
+from .adapter import Adapter
 from .calibration import Platt
-from .fit import Adapter
 
 ACTIVE_CACHE_S = 2.0
 """How long a process trusts its copy of a project's active head before asking the store."""
