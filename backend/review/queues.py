@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..adapt.adapter import Adapter, score
+from ..adapt.examples import cached_embedding, target_row, unusable
 from ..adapt.fit import MIN_EXAMPLES, Examples, adapt, normalise_rows
-from ..adapt.trainer import cached_embedding, target_row, unusable
 from ..corrections.export import comment_line, spreadsheet_safe
 from ..errors import BackendError
 from ..labelstudio.label_config import LabelSpace
