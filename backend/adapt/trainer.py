@@ -25,7 +25,7 @@ from ..store import Record, Store
 from ..zeroshot.scoring import Head
 from .examples import collect_examples
 from .fit import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve
-from .registry import HeadRegistry, adapter_document, space_digest
+from .registry import HeadId, HeadRegistry, adapter_document, space_digest
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,14 @@ class Run:
     trigger: str
     started: float = field(default_factory=time.time)
     finished: float | None = None
-    head: str | None = None
+    head: HeadId | None = None  # the head published (the field name is in GET /heads)
     outcome: str = "running"
     evidence: dict[str, Any] | None = None  # per control: decision and held-out numbers
 
 
 # --- one run -----------------------------------------------------------------------------------
 def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: ParsedConfig,
-                heads: tuple[Head, ...], trigger: str) -> tuple[str | None, Record]:
+                heads: tuple[Head, ...], trigger: str) -> tuple[HeadId | None, Record]:
     """Fit every control of a project; publish a head if any control gained something."""
     started = time.perf_counter()
     records = list(store.corrections(project))  # read once; later ones are unseen by this fit
@@ -77,14 +77,15 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
     return registry.publish(project, record), record
 
 
-def _carry_over(store: Store, project: str, head: str | None, parsed: ParsedConfig,
+def _carry_over(store: Store, project: str, head_id: HeadId | None, parsed: ParsedConfig,
                 controls: dict[str, Any]) -> None:
     """Controls not refitted this time keep what the current head serves for them."""
-    previous = next((r for r in store.heads(project) if r["id"] == head), None) if head else None
+    previous = (next((r for r in store.heads(project) if r["id"] == head_id), None)
+                if head_id else None)
     for space in parsed.spaces:
         kept = (previous or {}).get("controls", {}).get(space.name)
         if space.name not in controls and kept and kept["space"] == space_digest(space):
-            controls[space.name] = {**kept, "accepted": False, "carried_over_from": head}
+            controls[space.name] = {**kept, "accepted": False, "carried_over_from": head_id}
 
 
 def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
@@ -158,7 +159,7 @@ class Trainer:
         try:
             parsed, heads = await self.heads_for(label_config)
             loop = asyncio.get_running_loop()
-            head, record = await loop.run_in_executor(
+            head_id, record = await loop.run_in_executor(
                 self.pool, fit_project, self.store, self.registry, project, parsed, heads, trigger)
         except Exception as exc:  # noqa: BLE001 - a failed run is logged; the next one retries
             run.outcome = f"failed: {type(exc).__name__}: {exc}"
@@ -166,12 +167,12 @@ class Trainer:
             log.error("project %s: fitting a head failed: %s", project, exc,
                       exc_info=not isinstance(exc, BackendError))
         else:
-            run.head = head
+            run.head = head_id
             run.evidence = {name: {k: control[k] for k in EVIDENCE if k in control}
                             for name, control in record["controls"].items()}
             run.evidence.update(record["not_fitted"])
-            run.outcome = f"published {head}" if head else "kept the current head"
-            metrics.HEAD_FITS.labels("published" if head else "kept").inc()
+            run.outcome = f"published {head_id}" if head_id else "kept the current head"
+            metrics.HEAD_FITS.labels("published" if head_id else "kept").inc()
             metrics.HEAD_FIT_SECONDS.observe(record["seconds"])
             log.info("project %s: %s (%s, %.1f s)", project, run.outcome, trigger,
                      record["seconds"])
