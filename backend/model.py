@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from . import metrics
-from .adapt.registry import ZERO_SHOT_HEAD, ActiveHead, HeadRegistry
+from .adapt.registry import ZERO_SHOT_SERVED, HeadRegistry, ServedHead
 from .adapt.trainer import Trainer
 from .config import Settings
 from .corrections.entries import entries_from_webhook, prediction_entry
@@ -103,7 +103,7 @@ class ProjectContext:
     model_version: str
     ls: LabelStudioAccess | None
     project: str | None = None
-    active: ActiveHead = ZERO_SHOT_HEAD
+    active: ServedHead = ZERO_SHOT_SERVED
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class ZeroShotModel:
         return 64 if gpu else 8
 
     # --- setup: cheap, never touches the model ----------------------------------------------
-    def model_version(self, parsed: ParsedConfig, active: ActiveHead = ZERO_SHOT_HEAD) -> str:
+    def model_version(self, parsed: ParsedConfig, active: ServedHead = ZERO_SHOT_SERVED) -> str:
         """Backbone, weights, prompt-set hash and the project's adapted head if it has one,
         e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d` or `…:p1a2b3c4d:h3`."""
         plans = [plan_prompts(space, self.settings.TEMPLATES) for space in parsed.spaces]
@@ -250,11 +250,11 @@ class ZeroShotModel:
         self.remember_project(project, hostname, access_token)
         return self.model_version(parsed, self.active_head(project_key(project)))
 
-    def active_head(self, project: str | None) -> ActiveHead:
+    def active_head(self, project: str | None) -> ServedHead:
         """The adapted head a project serves; zero-shot when it has none (or the store is
         down and this process never read it)."""
         if not self.settings.ADAPT:
-            return ZERO_SHOT_HEAD
+            return ZERO_SHOT_SERVED
         try:
             return self.registry.active(project)
         except StoreUnavailable as exc:
@@ -311,7 +311,7 @@ class ZeroShotModel:
         if head is None or key is None:
             active = await asyncio.to_thread(self.active_head, key)
         else:
-            active = await asyncio.to_thread(self.registry.head, key, head)
+            active = await asyncio.to_thread(self.registry.load, key, head)
         return ProjectContext(parsed, tuple(heads), self.model_version(parsed, active), ls,
                               key, active)
 

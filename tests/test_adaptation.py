@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adapt.fit import Examples, adapt, label_text_vectors, zero_shot_logits
-from backend.adapt.registry import ActiveHead, adapter_document, adapter_from_document, space_digest
+from backend.adapt.adapter import zero_shot_logits
+from backend.adapt.fit import Examples, adapt, label_text_vectors
+from backend.adapt.registry import ServedHead, adapter_document, adapter_from_document, space_digest
 from backend.labelstudio.label_config import parse_label_config
 from backend.zeroshot.scoring import Head
 
@@ -110,6 +111,6 @@ def test_adapters_survive_storage_and_apply_only_to_the_control_they_were_fitted
     config = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i">{}</Choices></View>')
     space = parse_label_config(config.format('<Choice value="a"/><Choice value="b"/>')).spaces[0]
     grown = parse_label_config(config.format('<Choice value="a"/><Choice value="b"/><Choice value="new"/>')).spaces[0]
-    active = ActiveHead("h1", {"c": (space_digest(space), restored)})
+    active = ServedHead("h1", {"c": (space_digest(space), restored)})
     assert active.adapter_for(space) is restored
     assert active.adapter_for(grown) is None  # labels changed: zero-shot until the next fit

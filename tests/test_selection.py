@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.adapt.fit import Examples, adapt, zero_shot_logits
+from backend.adapt.adapter import zero_shot_logits
+from backend.adapt.fit import Examples, adapt
 from backend.review.selection import cold_start, k_center, likely_label_errors, select
 from backend.zeroshot.scoring import Head
 from backend.zeroshot.uncertainty import entropy, margin, measures, priority

@@ -6,7 +6,7 @@
 - multi-label thresholds: per label, the one maximising F1 on reviewed items when the label has
   enough positives, else one shared threshold.
 
-Every fit here sees out-of-fold logits only (adaptation.py makes them), never the items the
+Every fit here sees out-of-fold logits only (fit.py makes them), never the items the
 head was fitted on, or the fitted confidence would be as optimistic as the head.
 """
 

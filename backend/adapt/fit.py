@@ -29,7 +29,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..zeroshot.scoring import Head, label_logits
+from ..zeroshot.scoring import Head
+from .adapter import Adapter, calibrated, softmax, zero_shot_logits
 from .calibration import (
     Platt,
     Scores,
@@ -81,28 +82,6 @@ class Examples:
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """What a fit adds to the zero-shot head of one control."""
-
-    method: str  # "zero-shot" (calibration only), "prototypes" or "probe"
-    residual: Array | None = None  # (L, D)
-    bias: Array | None = None  # (L,)
-    temperature: float = 1.0  # softmax heads
-    platt: Platt | None = None  # sigmoid heads
-    thresholds: Array | None = None  # multi-label decisions
-    params: dict[str, float] = field(default_factory=dict)
-
-    def logits(self, z0: Array, vectors: Array) -> Array:
-        if self.residual is None:
-            return z0
-        z = z0 + vectors @ self.residual.T
-        return z + self.bias if self.bias is not None else z
-
-    def probabilities(self, z0: Array, vectors: Array, scoring: str) -> Array:
-        return _calibrated(self.logits(z0, vectors), scoring, self.temperature, self.platt)
-
-
-@dataclass(frozen=True)
 class Fit:
     """An adapter and the evidence for serving it."""
 
@@ -119,12 +98,6 @@ class Fit:
     reliability: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     compared_with_current: dict[str, Any] | None = None
     held_out_probs: Array | None = field(default=None, repr=False)
-
-
-def zero_shot_logits(head: Head, vectors: Array) -> Array:
-    with torch.no_grad():
-        logits = label_logits(head, torch.from_numpy(vectors.astype(np.float32)))
-    return logits.double().numpy()
 
 
 def label_text_vectors(head: Head) -> Array:
@@ -164,9 +137,9 @@ def _adapt_single(head: Head, ex: Examples, z0: Array, text: Array) -> Fit:
         held_out[test] = builder(ex.subset(train), z0[train]).logits(z0[test], ex.vectors[test])
     candidate_cal = _fit_calibration(held_out, ex, scoring)
     zs_cal = _fit_calibration(z0, ex, scoring)
-    judged = {"before": _calibrated(z0, scoring, 1.0, None),
-              "zero_shot": _calibrated(z0, scoring, *zs_cal),
-              "candidate": _calibrated(held_out, scoring, *candidate_cal)}
+    judged = {"before": calibrated(z0, scoring, 1.0, None),
+              "zero_shot": calibrated(z0, scoring, *zs_cal),
+              "candidate": calibrated(held_out, scoring, *candidate_cal)}
     scores = {name: _score(probs, ex, scoring) for name, probs in judged.items()}
     better = (_beats(judged["candidate"], judged["zero_shot"], ex, scoring)
               and _score(judged["candidate"], ex, scoring).accuracy > _counts_accuracy(ex, folds))
@@ -218,7 +191,7 @@ def _adapt_multi(head: Head, ex: Examples, z0: Array) -> Fit:
         decisions[test] = held_out[test] >= thresholds
     platt = fit_platt(z0, ex.targets)
     thresholds = fit_thresholds(platt.apply(z0), ex.targets)
-    raw = _calibrated(z0, head.scoring, 1.0, None)
+    raw = calibrated(z0, head.scoring, 1.0, None)
     before, after = multi_label_scores(raw, ex.targets), multi_label_scores(held_out, ex.targets)
     f1_before = _micro_f1(_relative_decisions(raw), ex.targets)
     f1_after = _micro_f1(decisions, ex.targets)
@@ -297,7 +270,7 @@ def _select(head: Head, ex: Examples, z0: Array, text: Array,
             held_out[test] = build(ex.subset(train), z0[train]).logits(z0[test], ex.vectors[test])
         sample = slice(0, None, max(1, len(ex) // SELECTION_CALIBRATION_ITEMS))
         temperature = fit_temperature(held_out[sample], ex.labels[sample])
-        scores = single_label_scores(_softmax(held_out / temperature), ex.labels)
+        scores = single_label_scores(softmax(held_out / temperature), ex.labels)
         key = (scores.accuracy, -scores.nll)
         if key > best_key:
             best, best_key = build, key
@@ -378,14 +351,6 @@ def _fit_calibration(logits: Array, ex: Examples, scoring: str) -> tuple[float, 
     return 1.0, fit_platt(logits, ex.targets)
 
 
-def _calibrated(logits: Array, scoring: str, temperature: float, platt: Platt | None) -> Array:
-    if scoring == "softmax":
-        return _softmax(logits / temperature)
-    if platt is not None:
-        return platt.apply(logits)
-    return 1.0 / (1.0 + np.exp(-logits))
-
-
 def _score(probs: Array, ex: Examples, scoring: str) -> Scores:
     if scoring == "sigmoid":  # independent scores of exclusive labels: judge the top label
         top = probs / probs.sum(axis=1, keepdims=True)
@@ -446,13 +411,6 @@ def _micro_f1(decided: Array, truth: Array) -> float:
     hits = float((decided * truth).sum())
     total = float(decided.sum() + truth.sum())
     return 2 * hits / total if total else 0.0
-
-
-def _softmax(logits: Array) -> Array:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    result: Array = exp / exp.sum(axis=1, keepdims=True)
-    return result
 
 
 def normalise_rows(rows: Array) -> Array:

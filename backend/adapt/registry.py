@@ -14,16 +14,18 @@ import base64
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NewType
 
 import numpy as np
 
 from ..errors import HeadNotFound
 from ..labelstudio.label_config import LabelSpace
 from ..store import ZERO_SHOT, Record, Store
+from .adapter import Adapter
 from .calibration import Platt
-from .fit import Adapter
 
+HeadId = NewType("HeadId", str)
+"""A stored adapted head's id within its project: `h1`, `h2`, …"""
 ACTIVE_CACHE_S = 2.0
 """How long a process trusts its copy of a project's active head before asking the store."""
 
@@ -75,10 +77,10 @@ def summary(record: Record, active: str | None) -> Record:
 
 
 @dataclass(frozen=True)
-class ActiveHead:
+class ServedHead:
     """What a project serves: a head id (or None for zero-shot) and its adapters by control."""
 
-    id: str | None
+    id: HeadId | None
     adapters: dict[str, tuple[str, Adapter]]  # control → (space digest, adapter)
     fitted_until: float | None = None  # corrections saved after this were never seen by it
 
@@ -89,7 +91,7 @@ class ActiveHead:
         return found[1]
 
 
-ZERO_SHOT_HEAD = ActiveHead(None, {})
+ZERO_SHOT_SERVED = ServedHead(None, {})
 
 
 class HeadRegistry:
@@ -98,50 +100,50 @@ class HeadRegistry:
     def __init__(self, store: Store, model: str) -> None:
         self.store = store
         self.model = model
-        self._cache: dict[str, tuple[float, ActiveHead]] = {}
+        self._cache: dict[str, tuple[float, ServedHead]] = {}
 
-    def active(self, project: str | None) -> ActiveHead:
+    def active(self, project: str | None) -> ServedHead:
         if project is None:
-            return ZERO_SHOT_HEAD
+            return ZERO_SHOT_SERVED
         cached = self._cache.get(project)
         if cached and time.monotonic() - cached[0] < ACTIVE_CACHE_S:
             return cached[1]
-        head = self._load(project)
-        self._cache[project] = (time.monotonic(), head)
-        return head
+        served = self._load_active(project)
+        self._cache[project] = (time.monotonic(), served)
+        return served
 
-    def last_known(self, project: str | None) -> ActiveHead:
+    def last_known(self, project: str | None) -> ServedHead:
         """The head last read for a project, however old (when the store is unreachable)."""
         cached = self._cache.get(project or "")
-        return cached[1] if cached else ZERO_SHOT_HEAD
+        return cached[1] if cached else ZERO_SHOT_SERVED
 
-    def _load(self, project: str) -> ActiveHead:
-        return self.head(project, self.store.active_head(project))
+    def _load_active(self, project: str) -> ServedHead:
+        return self.load(project, self.store.active_head(project))
 
-    def head(self, project: str, head_id: str | None) -> ActiveHead:
+    def load(self, project: str, head_id: str | None) -> ServedHead:
         """A stored head (whether active or not); zero-shot for None or ZERO_SHOT."""
         if head_id in (None, ZERO_SHOT):
-            return ZERO_SHOT_HEAD
+            return ZERO_SHOT_SERVED
         record = next((r for r in self.store.heads(project) if r["id"] == head_id), None)
         if record is None or record.get("model") != self.model:
-            return ZERO_SHOT_HEAD  # fitted on another model's embeddings: not applicable
+            return ZERO_SHOT_SERVED  # fitted on another model's embeddings: not applicable
         adapters = {name: (control["space"], adapter_from_document(control["adapter"]))
                     for name, control in record["controls"].items()}
-        return ActiveHead(head_id, adapters, record.get("fitted_until"))
+        return ServedHead(HeadId(head_id), adapters, record.get("fitted_until"))
 
-    def publish(self, project: str, record: Record) -> str:
+    def publish(self, project: str, record: Record) -> HeadId:
         """Store a new head and make it the project's active one."""
-        head = self.store.put_head(project, record)
-        self.store.set_active_head(project, head)
+        head_id = HeadId(self.store.put_head(project, record))
+        self.store.set_active_head(project, head_id)
         self._cache.pop(project, None)
-        return head
+        return head_id
 
-    def activate(self, project: str, head: str) -> None:
+    def activate(self, project: str, head_id: str) -> None:
         """Roll a project forward or back to a stored head, or to `zero-shot`."""
-        if head != ZERO_SHOT and head not in {r["id"] for r in self.store.heads(project)}:
-            raise HeadNotFound(f"project {project} has no head {head!r}; "
+        if head_id != ZERO_SHOT and head_id not in {r["id"] for r in self.store.heads(project)}:
+            raise HeadNotFound(f"project {project} has no head {head_id!r}; "
                                f"GET /heads?project={project} lists them")
-        self.store.set_active_head(project, head)
+        self.store.set_active_head(project, head_id)
         self._cache.pop(project, None)
 
     def listing(self, project: str) -> list[Record]:

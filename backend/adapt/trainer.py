@@ -2,14 +2,14 @@
 
 Runs in the background, never inside a request: Label Studio's Train button (START_TRAINING)
 and every ADAPT_EVERY new corrections of a project queue a run; a project has at most one run
-in flight and one queued behind it. The fitting itself (adaptation.py) runs on a thread of its
-own, on cached image embeddings: no image is fetched or encoded again.
+in flight and one queued behind it. The fitting itself (fit.py) runs on a thread of its own, on
+the examples examples.py collects from cached image embeddings: no image is fetched or encoded
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,16 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .. import metrics
-from ..corrections.records import timestamp
+from ..corrections.records import updated_ts
 from ..errors import BackendError
 from ..labelstudio.label_config import LabelSpace, ParsedConfig
-from ..store import Record, Store, model_embedding_key
+from ..store import Record, Store
 from ..zeroshot.scoring import Head
-from .fit import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve, normalise_rows
-from .registry import HeadRegistry, adapter_document, space_digest
+from .examples import collect_examples
+from .fit import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve
+from .registry import HeadId, HeadRegistry, adapter_document, space_digest
 
 log = logging.getLogger(__name__)
 
@@ -42,81 +41,14 @@ class Run:
     trigger: str
     started: float = field(default_factory=time.time)
     finished: float | None = None
-    head: str | None = None
+    head: HeadId | None = None  # the head published (the field name is in GET /heads)
     outcome: str = "running"
     evidence: dict[str, Any] | None = None  # per control: decision and held-out numbers
 
 
-# --- examples ----------------------------------------------------------------------------------
-def collect_examples(store: Store, records: list[Record], space: LabelSpace,
-                     model: str) -> tuple[Examples | None, dict[str, int]]:
-    """The control's usable corrections (of a project's correction `records`) with their
-    cached image embeddings, and counts of what was left out and why."""
-    vectors: list[np.ndarray[Any, Any]] = []
-    targets, updated = [], []
-    skipped: dict[str, int] = {}
-    for record in records:
-        control = record.get("controls", {}).get(space.name)
-        why = unusable(record, control)
-        if why is None:
-            assert control is not None
-            row = target_row(space, control["final"])
-            found = cached_embedding(store, control, model) if row is not None else None
-            why = ("label not in the config" if row is None else
-                   "several labels on a single-choice control" if row.sum() > 1
-                   and not space.multiple else "no cached embedding" if found is None else None)
-        if why is not None:
-            skipped[why] = skipped.get(why, 0) + 1
-            continue
-        assert found is not None and row is not None
-        vectors.append(found)
-        targets.append(row)
-        updated.append(_saved_at(record))
-    if not vectors:
-        return None, skipped
-    stacked = normalise_rows(np.stack(vectors).astype(np.float64))
-    return Examples(stacked, np.stack(targets), np.asarray(updated, dtype=np.float64)), skipped
-
-
-def unusable(record: Record, control: dict[str, Any] | None) -> str | None:
-    """Why a correction record teaches nothing about a control, or None if it does."""
-    if record.get("deleted_at"):
-        return "deleted"
-    if record.get("was_cancelled"):
-        return "skipped by the annotator"
-    if control is None or not control.get("final"):
-        return "control left empty"
-    return None
-
-
-def target_row(space: LabelSpace, final: list[Any]) -> np.ndarray[Any, Any] | None:
-    """The annotator's labels (choice values or taxonomy paths) as an (L,) 0/1 row; None if
-    one of them is not a label of the control (the config changed since)."""
-    index = {_label_key(label.path, space): i for i, label in enumerate(space.labels)}
-    wanted = [index.get(_label_key(label, space)) for label in final]
-    if None in wanted:
-        return None
-    row = np.zeros(len(space.labels))
-    row[[i for i in wanted if i is not None]] = 1.0
-    return row
-
-
-def _label_key(label: Any, space: LabelSpace) -> str:
-    path = label if isinstance(label, (list, tuple)) else [label]
-    return json.dumps(list(path) if space.kind == "taxonomy" else [path[-1]], ensure_ascii=False)
-
-
-def cached_embedding(store: Store, control: dict[str, Any],
-                     model: str) -> np.ndarray[Any, Any] | None:
-    """The embedding by `model` of a logged control's image, if the store has it."""
-    key = model_embedding_key(store, control.get("embedding_key"), control.get("image_ref"),
-                              model)
-    return store.get_embedding(key) if key else None
-
-
 # --- one run -----------------------------------------------------------------------------------
 def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: ParsedConfig,
-                heads: tuple[Head, ...], trigger: str) -> tuple[str | None, Record]:
+                heads: tuple[Head, ...], trigger: str) -> tuple[HeadId | None, Record]:
     """Fit every control of a project; publish a head if any control gained something."""
     started = time.perf_counter()
     records = list(store.corrections(project))  # read once; later ones are unseen by this fit
@@ -137,7 +69,7 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
         "project": project, "model": registry.model, "trigger": trigger,
         "created_at": time.time(), "seconds": round(time.perf_counter() - started, 3),
         "controls": controls, "not_fitted": notes,
-        "fitted_until": max(map(_saved_at, records), default=0.0),
+        "fitted_until": max(map(updated_ts, records), default=0.0),
     }
     if not any(control["accepted"] for control in controls.values()):
         return None, record
@@ -145,14 +77,15 @@ def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: Pars
     return registry.publish(project, record), record
 
 
-def _carry_over(store: Store, project: str, head: str | None, parsed: ParsedConfig,
+def _carry_over(store: Store, project: str, head_id: HeadId | None, parsed: ParsedConfig,
                 controls: dict[str, Any]) -> None:
     """Controls not refitted this time keep what the current head serves for them."""
-    previous = next((r for r in store.heads(project) if r["id"] == head), None) if head else None
+    previous = (next((r for r in store.heads(project) if r["id"] == head_id), None)
+                if head_id else None)
     for space in parsed.spaces:
         kept = (previous or {}).get("controls", {}).get(space.name)
         if space.name not in controls and kept and kept["space"] == space_digest(space):
-            controls[space.name] = {**kept, "accepted": False, "carried_over_from": head}
+            controls[space.name] = {**kept, "accepted": False, "carried_over_from": head_id}
 
 
 def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
@@ -169,11 +102,6 @@ def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
         "reliability": fit.reliability, "learning_curve": curve, "seconds": fit.seconds,
         "compared_with_current": fit.compared_with_current,
     }
-
-
-def _saved_at(record: Record) -> float:
-    """When the annotation was last saved in Label Studio (or received, if LS did not say)."""
-    return timestamp(record.get("updated_at")) or float(record.get("received_at") or 0.0)
 
 
 # --- scheduling --------------------------------------------------------------------------------
@@ -231,7 +159,7 @@ class Trainer:
         try:
             parsed, heads = await self.heads_for(label_config)
             loop = asyncio.get_running_loop()
-            head, record = await loop.run_in_executor(
+            head_id, record = await loop.run_in_executor(
                 self.pool, fit_project, self.store, self.registry, project, parsed, heads, trigger)
         except Exception as exc:  # noqa: BLE001 - a failed run is logged; the next one retries
             run.outcome = f"failed: {type(exc).__name__}: {exc}"
@@ -239,12 +167,12 @@ class Trainer:
             log.error("project %s: fitting a head failed: %s", project, exc,
                       exc_info=not isinstance(exc, BackendError))
         else:
-            run.head = head
+            run.head = head_id
             run.evidence = {name: {k: control[k] for k in EVIDENCE if k in control}
                             for name, control in record["controls"].items()}
             run.evidence.update(record["not_fitted"])
-            run.outcome = f"published {head}" if head else "kept the current head"
-            metrics.HEAD_FITS.labels("published" if head else "kept").inc()
+            run.outcome = f"published {head_id}" if head_id else "kept the current head"
+            metrics.HEAD_FITS.labels("published" if head_id else "kept").inc()
             metrics.HEAD_FIT_SECONDS.observe(record["seconds"])
             log.info("project %s: %s (%s, %.1f s)", project, run.outcome, trigger,
                      record["seconds"])

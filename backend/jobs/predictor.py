@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..adapt.registry import ActiveHead
+    from ..adapt.registry import ServedHead
     from ..config import Settings
     from ..labelstudio.client import LabelStudioAccess
     from ..labelstudio.label_config import ParsedConfig
@@ -31,7 +31,7 @@ class PredictContext(Protocol):
     @property
     def project(self) -> str | None: ...
     @property
-    def active(self) -> ActiveHead: ...
+    def active(self) -> ServedHead: ...
 
 
 class Predictor(Protocol):

@@ -22,15 +22,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from ..adapt.fit import MIN_EXAMPLES, Adapter, Examples, adapt, normalise_rows, zero_shot_logits
-from ..adapt.trainer import cached_embedding, target_row, unusable
+from ..adapt.adapter import Adapter, score
+from ..adapt.examples import cached_embedding, target_row, unusable
+from ..adapt.fit import MIN_EXAMPLES, Examples, adapt, normalise_rows
 from ..errors import ReviewError
 from ..formats import columns_of, comment_line, csv_chunks, jsonl_chunks, labelstudio_chunks
 from ..labelstudio.label_config import LabelSpace
 from ..store import Record, Store
-from ..zeroshot.scoring import Head, probabilities
+from ..zeroshot.scoring import Head
 from ..zeroshot.uncertainty import measures
 from .selection import likely_label_errors, select
 
@@ -81,14 +81,9 @@ def project_view(store: Store, project: str, space: LabelSpace, model: str) -> P
     return ProjectView(space, tasks, refs, stacked, annotated)
 
 
-def head_probabilities(view: ProjectView, head: Head, adapter: Adapter | None,
-                       rows: npt.NDArray[np.int64] | None = None) -> Array:
-    """Probabilities of the tasks (all, or the `rows` positions) under the zero-shot head and
-    the adapter, if any."""
-    vectors = view.vectors if rows is None else view.vectors[rows]
-    if adapter is None:
-        return probabilities(head, torch.from_numpy(vectors))
-    return adapter.probabilities(zero_shot_logits(head, vectors), vectors, head.scoring)
+def head_probabilities(view: ProjectView, head: Head, adapter: Adapter | None) -> Array:
+    """Probabilities of the view's tasks under the zero-shot head and the adapter, if any."""
+    return score(head, view.vectors, adapter).probs
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -121,10 +116,10 @@ def review(view: ProjectView, probs: Array, head: Head, target_precision: float 
     rows: list[Row] = []
     held_out = _held_out_probabilities(view, head, annotated, truth)
     errors = likely_label_errors(held_out, truth) if len(annotated) else np.zeros(0)
-    for i, score in sorted(zip(annotated, errors), key=lambda pair: -pair[1]):
-        if score > 0:
+    for i, suspicion in sorted(zip(annotated, errors), key=lambda pair: -pair[1]):
+        if suspicion > 0:
             rows.append(_row(view, probs, measured, int(i), queue="label_error",
-                             priority=float(score), reason="another label scores higher than "
+                             priority=float(suspicion), reason="another label scores higher than "
                              "the annotated one under a head that never saw this annotation"))
     disagree = [int(i) for i, t in zip(annotated, truth) if probs[i].argmax() != t]
     for i in sorted(disagree, key=lambda i: -confidence[i]):
@@ -154,7 +149,7 @@ def _held_out_probabilities(view: ProjectView, head: Head, annotated: npt.NDArra
     """Probabilities of the annotated items from heads fitted without them (zero-shot when
     there are too few to fit anything)."""
     if len(annotated) < MIN_EXAMPLES:
-        return head_probabilities(view, head, None, annotated)
+        return score(head, view.vectors[annotated]).probs
     examples = Examples(view.vectors[annotated], np.eye(len(view.space.labels))[truth],
                         np.zeros(len(annotated)))
     fit = adapt(head, examples, multiple=False)
