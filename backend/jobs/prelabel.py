@@ -37,7 +37,7 @@ from ..store import ZERO_SHOT
 from ..store.jobs import JobLedger
 
 if TYPE_CHECKING:
-    from ..model import ZeroShotModel
+    from ..runtime import Backend
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def progress(record: dict[str, Any]) -> dict[str, Any]:
 class Prelabeler:
     """Starts, runs and reports pre-label jobs for one model, against one ledger."""
 
-    def __init__(self, model: ZeroShotModel, ledger: JobLedger, settings: Settings) -> None:
+    def __init__(self, model: Backend, ledger: JobLedger, settings: Settings) -> None:
         self.model = model
         self.ledger = ledger
         self.settings = settings
@@ -333,7 +333,7 @@ def _has_version(task: Task, version: str) -> bool:
 
 
 # --- one work item: shared by the local runner and RQ workers ----------------------------------
-async def work_item(model: ZeroShotModel, ledger: JobLedger, spec: JobSpec, tasks: list[Task],
+async def work_item(model: Backend, ledger: JobLedger, spec: JobSpec, tasks: list[Task],
                     owner: str) -> dict[str, int]:
     """Predict `tasks` (those this owner could claim), store the predictions in Label Studio,
     and record the outcome. Returns counts; failures are recorded, never raised."""
@@ -367,7 +367,7 @@ class _VersionChanged(BackendError):
     pass
 
 
-async def _predict_and_store(model: ZeroShotModel, spec: JobSpec,
+async def _predict_and_store(model: Backend, spec: JobSpec,
                              tasks: list[Task]) -> tuple[list[str], dict[str, str]]:
     results = await _predict(model, spec, tasks)
     version = results[0].get("model_version") if results else spec.model_version
@@ -394,7 +394,7 @@ async def _predict_and_store(model: ZeroShotModel, spec: JobSpec,
     return [str(row["task"]) for row in rows], failed
 
 
-async def _predict(model: ZeroShotModel, spec: JobSpec, tasks: list[Task]) -> list[dict[str, Any]]:
+async def _predict(model: Backend, spec: JobSpec, tasks: list[Task]) -> list[dict[str, Any]]:
     while True:
         try:
             return await model.predict(tasks, label_config=spec.label_config,
@@ -403,7 +403,7 @@ async def _predict(model: ZeroShotModel, spec: JobSpec, tasks: list[Task]) -> li
             await asyncio.sleep(OVERLOAD_RETRY_S)
 
 
-def label_studio_api(model: ZeroShotModel, project: str) -> LabelStudioAPI:
+def label_studio_api(model: Backend, project: str) -> LabelStudioAPI:
     access = model.label_studio(project)
     if access is None or not access.token:
         raise ConfigError("pre-labeling reads tasks from and writes predictions to Label "

@@ -64,13 +64,13 @@ class WorkerRuntime:
     """The model and its event loop, kept for the worker process's whole life."""
 
     def __init__(self, settings: Settings) -> None:
-        from ..model import ZeroShotModel
+        from ..runtime import Backend
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop",
                                         daemon=True)
         self._thread.start()
-        self.model = ZeroShotModel(settings)
+        self.model = Backend(settings)
         self.ledger: JobLedger = open_ledger(self.model.store)
         self.owner = new_owner()
         self.call(self._start())
