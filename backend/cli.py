@@ -199,15 +199,17 @@ def _review_command(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _review_rows(settings: Settings, args: argparse.Namespace, config: str,
                        params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
-    from .model import ZeroShotModel
+    from .labelstudio.client import ProjectId, project_key
+    from .runtime import Backend
 
-    model = ZeroShotModel(settings, store=_existing_store(settings))
-    model.start()
+    backend = Backend(settings, store=_existing_store(settings))
+    backend.start()
     try:
-        return await model.review_export(args.kind, args.project, label_config=config,
-                                         control=args.control, **params)
+        project = project_key(args.project) or ProjectId(args.project)
+        return await backend.review_export(args.kind, project, label_config=config,
+                                           control=args.control, **params)
     finally:
-        await model.aclose()
+        await backend.aclose()
 
 
 def _prelabel_parsers(commands: Any) -> None:
@@ -256,24 +258,25 @@ def _prelabel(settings: Settings, args: argparse.Namespace) -> int:
 async def _run_prelabel(settings: Settings, args: argparse.Namespace,
                         show: Any) -> dict[str, Any]:
     from .jobs.prelabel import Prelabeler
-    from .model import ZeroShotModel
+    from .runtime import Backend
     from .store.jobs import open_ledger
 
-    model = ZeroShotModel(settings)
-    model.start()
+    backend = Backend(settings)
+    backend.start()
     try:
-        jobs = Prelabeler(model, open_ledger(model.store), settings)
+        jobs = Prelabeler(backend, open_ledger(backend.store), settings)
         return await jobs.run(args.project, args.executor, on_progress=show,
                               wait_workers=not args.no_wait)
     finally:
-        await model.aclose()
+        await backend.aclose()
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from .jobs import rq as worker
+    from .jobs import rq
+    from .runtime import Backend
 
     try:
-        return worker.serve(settings, burst=args.burst)
+        return rq.serve(settings, Backend, burst=args.burst)
     except (ConfigError, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -137,13 +137,13 @@ def one_run(url: str, server: LoopbackServer, model, naive, project: list[str],
     urls = [server.add(f"/{megapixels}/{run}/{i}.jpg", Route(data, content_type="image/jpeg"))
             for i, data in enumerate(images)]
     # on the inference thread: at the backend's own CPU priority (batching.BACKGROUND_NICE)
-    ceiling = model.worker.submit(encoder_only, model, images, args.batch).result()
+    ceiling = model.inference.submit(encoder_only, model, images, args.batch).result()
     served = backend_predict(url, urls)
     project += urls
     before = counted()
     rescore = backend_predict(url, project, rescore_config(f"bus {megapixels} {run}"))
     fetched, encoded = (after - then for after, then in zip(counted(), before))
-    naive = model.worker.submit(naive_loop, naive, urls).result()
+    naive = model.inference.submit(naive_loop, naive, urls).result()
     return (ceiling, served, naive, rescore, fetched, encoded, len(project),
             sum(map(len, images)) / len(images) / 1024)
 
@@ -165,7 +165,7 @@ def main() -> None:
                              TEMPLATES="photo", LOG_LEVEL="WARNING")
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as server:
         backend.wait_model()
-        model = backend.app.state.model
+        model = backend.app.state.backend
         naive = naive_model(model.encoder)
         print(f"model {args.model} (random weights) on {model.encoder.device}, "
               f"{model.encoder.describe()['precision']}, batch {args.batch}, torch threads "

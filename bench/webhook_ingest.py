@@ -5,7 +5,8 @@
 For each store — Redis with `appendfsync always`, Redis with `appendfsync everysec` (a
 redis-server this script starts) and the embedded SQLite store — it measures:
   store.apply      the store alone, entries applied in a loop (records.apply): the storage cost;
-  model.fit        what /webhook runs, called directly: webhook → entries → journal → store;
+  model.fit        what /webhook runs, called directly (on the server's event loop):
+                   webhook → entries → journal → store;
   HTTP sequential  ANNOTATION_CREATED webhooks POSTed one at a time on one keep-alive
                    httpx.Client to the app served by uvicorn, as Label Studio sends them;
   HTTP N threads   the same from N client threads at once (several Label Studio workers).
@@ -42,7 +43,7 @@ from backend.config import Settings, load_settings  # noqa: E402
 from backend.corrections.entries import entries_from_webhook  # noqa: E402
 from backend.corrections.journal import Journal  # noqa: E402
 from backend.corrections.records import apply  # noqa: E402
-from backend.model import ZeroShotModel  # noqa: E402
+from backend.runtime import Backend  # noqa: E402
 from backend.store import Store  # noqa: E402
 from backend.store.entry import Entry  # noqa: E402
 from backend.store.redis import RedisStore  # noqa: E402
@@ -126,11 +127,11 @@ def post_concurrently(url: str, events: Sequence[Event], threads: int) -> list[f
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[tuple[BackendThread, ZeroShotModel]]:
+def serving(settings: Settings) -> Iterator[tuple[BackendThread, Backend]]:
     backend = BackendThread(create_app(settings))
     with backend:
         backend.wait_model()
-        model: ZeroShotModel = backend.app.state.model
+        model: Backend = backend.app.state.backend
         model.store.put_embedding(f"{model.embedding_model}|bench", np.zeros(32, np.float32), IMAGE)
         yield backend, model
 
@@ -140,7 +141,11 @@ def measure(label: str, settings: Settings, args: argparse.Namespace) -> list[Ro
     with serving(settings) as (backend, model):
         post_all(backend.url, webhooks(ids, WARM_UP))
         applies = [partial(apply, model.store, e) for e in entries(ids, args.events)]
-        fits = [partial(model.fit, e["action"], e) for e in webhooks(ids, args.events)]
+
+        def fit(event: dict[str, Any]) -> object:
+            return backend.call(model.fit(event["action"], event))
+
+        fits = [partial(fit, e) for e in webhooks(ids, args.events)]
         sequential, parallel = webhooks(ids, args.events), webhooks(ids, args.events)
         return [
             Row(label, "store.apply", *timed(lambda: run_timed(applies))),

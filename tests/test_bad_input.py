@@ -259,7 +259,7 @@ def test_an_annotation_that_could_never_be_applied_gets_400_and_nothing_is_recor
     response = post(backend, "/webhook", json=event)
     assert response.status_code == 400, response.text
     assert "result[0].from_name is a dict" in response.json()["detail"]
-    assert list(backend.app.state.model.store.events()) == []
+    assert list(backend.app.state.backend.store.events()) == []
 
 
 def test_a_malformed_image_host_is_one_clear_task_error_without_a_traceback(served, caplog):
@@ -288,9 +288,9 @@ def test_overload_is_shed_quickly_with_503(tiny_configs):
         first = threading.Thread(target=post, args=(backend, "/predict"), kwargs={"json": body})
         first.start()
         try:
-            model = backend.app.state.model
+            model = backend.app.state.backend
             for _ in range(200):
-                if model.pending_tasks:
+                if model.pipeline.admission.pending_tasks:
                     break
                 threading.Event().wait(0.01)
             shed = post(backend, "/predict", json={**body, "tasks": body["tasks"][:1]})

@@ -135,7 +135,8 @@ def test_a_large_label_set_is_encoded_in_calls_that_other_requests_images_run_be
     image queued while the first part is encoded runs before the next part."""
     from PIL import Image
 
-    from backend.model import PROMPTS_PER_CALL, ZeroShotModel
+    from backend.runtime import Backend
+    from backend.zeroshot.heads import PROMPTS_PER_CALL
 
     labels = "".join(f'<Choice value="label {i}"/>' for i in range(2 * PROMPTS_PER_CALL + 1))
     config = ('<View><Image name="i" value="$i"/><Choices name="c" toName="i" '
@@ -143,7 +144,7 @@ def test_a_large_label_set_is_encoded_in_calls_that_other_requests_images_run_be
     order: list[str] = []
 
     async def run():
-        model = ZeroShotModel(tiny_settings)
+        model = Backend(tiny_settings)
         model.start()
         encoder = await model.wait_ready()
         loop = asyncio.get_running_loop()
@@ -166,7 +167,7 @@ def test_a_large_label_set_is_encoded_in_calls_that_other_requests_images_run_be
             setup = asyncio.ensure_future(model.context(config))
             await first_part.wait()  # the inference thread is encoding the first part
             image = asyncio.ensure_future(
-                model.worker.encode(images, encoder.preprocess(Image.new("RGB", (32, 32)))))
+                model.inference.encode(images, encoder.preprocess(Image.new("RGB", (32, 32)))))
             await asyncio.sleep(0)  # a yield, not a wait: the image job is queued now
             release.set()
             await asyncio.gather(setup, image)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from backend.model import ZeroShotModel
+from backend.runtime import Backend
 from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
@@ -42,7 +42,7 @@ def webhook(backend, body) -> dict:
 
 def test_annotator_actions_become_correction_records(served):
     backend, images = served
-    model: ZeroShotModel = backend.app.state.model
+    model: Backend = backend.app.state.backend
     urls = {task: images.add(f"/{task}.png", Route(png((40 * task, 90, 200)), content_type="image/png"))
             for task in range(1, 7)}
     tasks = [{"id": task, "data": {"image": urls[task]}} for task in (1, 2, 3)]
@@ -83,13 +83,13 @@ def test_annotator_actions_become_correction_records(served):
 
 def test_predictions_reuse_cached_embeddings(served):
     backend, images = served
-    model: ZeroShotModel = backend.app.state.model
+    model: Backend = backend.app.state.backend
     url = images.add("/same.png", Route(png((10, 200, 10))))
     body = {"tasks": [{"id": 1, "data": {"image": url}}], "label_config": CONFIG, "project": "4.1"}
     first = httpx.post(backend.url + "/predict", json=body, timeout=60).json()
-    encoded = model.worker.items
+    encoded = model.inference.items
     second = httpx.post(backend.url + "/predict", json=body, timeout=60).json()
-    assert model.worker.items == encoded  # same bytes, same model: no image encoded
+    assert model.inference.items == encoded  # same bytes, same model: no image encoded
     assert first["results"][0]["score"] == pytest.approx(second["results"][0]["score"], abs=1e-3)
 
 
@@ -98,7 +98,7 @@ def test_unreachable_redis_never_loses_a_correction_or_a_prediction(tiny_setting
                                                 "REDIS_TIMEOUT_S": 0.2})
     with BackendThread(create_app(settings)) as backend, LoopbackServer() as images:
         backend.wait_model()
-        model: ZeroShotModel = backend.app.state.model
+        model: Backend = backend.app.state.backend
         url = images.add("/a.png", Route(png((200, 10, 10))))
         results = httpx.post(backend.url + "/predict", timeout=60, json={
             "tasks": [{"id": 1, "data": {"image": url}}], "label_config": CONFIG,

@@ -19,7 +19,7 @@ from PIL import Image
 from backend.config import load_settings
 from backend.errors import ConfigError, ModelUnavailable
 from backend.labelstudio.label_config import parse_label_config
-from backend.model import ZeroShotModel
+from backend.runtime import Backend
 from backend.zeroshot.encoder import (
     ModelSpec,
     OpenClipEncoder,
@@ -69,7 +69,7 @@ def reference_probabilities(encoder, images, templates) -> np.ndarray:
 
 def backend_probabilities(settings, images, template_set: str) -> tuple[np.ndarray, np.ndarray]:
     """Through the whole backend: head from the text cache, and /predict's top_k scores."""
-    model = ZeroShotModel(settings.model_copy(update={"TOP_K": len(CLASSES)}))
+    model = Backend(settings.model_copy(update={"TOP_K": len(CLASSES)}))
     config = config_for(CLASSES, template_set)
 
     async def run():
@@ -115,7 +115,7 @@ def test_parity_with_open_clip_on_random_vit_b_32():
 def test_mean_pooling_of_one_name_is_exactly_open_clips_classifier(tiny_configs):
     """With one name per label, the head's rows are open_clip's classifier columns."""
     settings = load_settings(MODEL_CONFIG=tiny_configs["clip"], MODEL_PRETRAINED="none")
-    model = ZeroShotModel(settings)
+    model = Backend(settings)
 
     async def head():
         model.start()
@@ -218,12 +218,12 @@ def test_bf16_weights_on_cpu_keep_scoring_constants_and_embeddings(tiny_configs)
 
 
 def test_model_version_names_backbone_weights_and_prompts(tiny_settings):
-    model = ZeroShotModel(tiny_settings)
+    model = Backend(tiny_settings)
     parsed = parse_label_config(config_for(CLASSES, "simple"))
-    version = model.model_version(parsed)
+    version = model.contexts.model_version(parsed)
     assert version.startswith("tiny-test-clip/none:p") and len(version.split(":p")[1]) == 8
     other = parse_label_config(config_for(CLASSES[:-1], "simple"))
-    assert model.model_version(other) != version
+    assert model.contexts.model_version(other) != version
 
 
 def test_threads_sets_pytorchs_cpu_threads(tiny_configs):

@@ -449,7 +449,7 @@ AUTH = ("exporter", "secret")  # every middleware in the path of the stream
 def many(tiny_settings):
     settings = tiny_settings.model_copy(update={"BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]})
     with BackendThread(create_app(settings)) as server:
-        store = server.app.state.model.store
+        store = server.app.state.backend.store
         assert isinstance(store, SqliteStore)
         for i in range(MANY):
             webhook_into(store, annotated(1000 + i, i, [choices("animal", "Cat")], day=1))
@@ -481,7 +481,7 @@ def test_http_stream_that_fails_part_way_says_so_and_is_broken_off(many, fmt):
     """A record the store cannot read, in the second batch: the rows before it arrive, then a
     trailer saying the export is incomplete and why, then the transfer breaks off (no clean end
     of the chunked body), so no client takes it for complete."""
-    with sqlite3.connect(many.app.state.model.store.path) as db:  # not valid UTF-8
+    with sqlite3.connect(many.app.state.backend.store.path) as db:  # not valid UTF-8
         db.execute("UPDATE corrections SET record = CAST(x'ff' AS TEXT) WHERE annotation = '1700'")
     db.close()
     lines: list[str] = []

@@ -83,7 +83,7 @@ def test_logging_config_routes_backend_and_uvicorn_through_one_handler(fmt, monk
         stream = io.StringIO()
         handler.setStream(stream)  # type: ignore[attr-defined]
         logging.getLogger("uvicorn.access").info('%s - "%s"', "127.0.0.1:1", "GET /health")
-        logging.getLogger("backend.model").warning("task 3: bad")
+        logging.getLogger("backend.predict.pipeline").warning("task 3: bad")
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
@@ -91,9 +91,9 @@ def test_logging_config_routes_backend_and_uvicorn_through_one_handler(fmt, monk
     assert len(lines) == 2
     if fmt == "json":
         assert [json.loads(line)["logger"] for line in lines] == ["uvicorn.access",
-                                                                  "backend.model"]
+                                                                  "backend.predict.pipeline"]
     else:
-        assert lines[1].endswith("WARNING [-] backend.model: task 3: bad")
+        assert lines[1].endswith("WARNING [-] backend.predict.pipeline: task 3: bad")
 
 
 class Captured(logging.Handler):
@@ -168,7 +168,7 @@ def test_text_lines_escape_control_characters_in_every_message_and_argument(monk
 
 
 def test_a_newline_in_a_webhook_action_cannot_forge_a_log_line(backend, captured, monkeypatch):
-    forged = "ANNOTATION_CREATED\n2026-11-30 06:00:00,000 ERROR [-] backend.model: forged"
+    forged = "ANNOTATION_CREATED\n2026-11-30 06:00:00,000 ERROR [-] backend.predict.pipeline: forged"
     response = httpx.post(backend.url + "/webhook", json={"action": forged, "project": {"id": 4}})
     assert response.status_code == 200
     formatter = text_formatter(monkeypatch)

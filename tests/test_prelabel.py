@@ -98,7 +98,7 @@ def test_a_label_studio_named_by_setup_never_leads_jobs_to_cloud_metadata(backen
               '<Choice value="a"/><Choice value="b"/></Choices></View>')
     setup = {"project": "3.1", "schema": config, "hostname": hostname, "access_token": "t0ken1"}
     assert httpx.post(backend.url + "/setup", json=setup, timeout=30).status_code == 200
-    api = label_studio_api(backend.app.state.model, "3")
+    api = label_studio_api(backend.app.state.backend, "3")
 
     async def read_project() -> None:
         try:

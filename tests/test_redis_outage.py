@@ -59,7 +59,7 @@ def serving(settings: Settings) -> Iterator[tuple[Journal, httpx.Client]]:
     """One backend process: the real app on a loopback port, and a client for it."""
     with BackendThread(create_app(settings)) as backend, \
             httpx.Client(base_url=backend.url, timeout=30) as client:
-        yield backend.app.state.model.journal, client
+        yield backend.app.state.backend.journal, client
 
 
 def post(client: httpx.Client, body: dict[str, Any]) -> None:

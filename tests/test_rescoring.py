@@ -115,7 +115,7 @@ class Clock:
 def test_an_image_replaced_behind_its_url_is_seen_only_after_the_ttl(settings, loopback,
                                                                      monkeypatch):
     clock = Clock()
-    for module in ("backend.model", "backend.store.sqlite", "backend.store.redis"):
+    for module in ("backend.predict.embed", "backend.store.sqlite", "backend.store.redis"):
         monkeypatch.setattr(f"{module}.time", clock)
     urls = images(loopback, 2)
     with serve(settings, loopback, IMAGE_REF_TTL_S=60) as served:
@@ -128,7 +128,7 @@ def test_an_image_replaced_behind_its_url_is_seen_only_after_the_ttl(settings, l
         fresh, cost = served.predict(urls)
         assert cost == {"fetched": 2, "encoded": 1}  # the unchanged one is only hashed
         assert top(fresh)[1] == top(first)[1]
-        model = served.backend.app.state.model
+        model = served.backend.app.state.backend
         assert model.store.embedding_key_for(model.embedding_model, urls[0]) == embedding_key(
             model.embedding_model, replaced)
         _, cost = served.predict(urls)  # each download counts as a new check

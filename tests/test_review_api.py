@@ -31,7 +31,7 @@ def served(micro_clip, tmp_path_factory):
     app = create_app(settings)
     with BackendThread(app) as backend, LoopbackServer() as images:
         assert backend.wait_model()["model_state"] == "ready"
-        yield backend, images, app.state.model
+        yield backend, images, app.state.backend
 
 
 def predict_pool(backend, images, project: int, per_pair: int, seed: int) -> dict[str, str]:

@@ -16,7 +16,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.config import load_settings
-from backend.model import ZeroShotModel
+from backend.runtime import Backend
 from backend.web.app import create_app
 
 from .support.backend_server import BackendThread
@@ -80,7 +80,7 @@ def test_predict_keeps_task_order_and_fails_only_bad_tasks(backend, loopback: Lo
     }
     tasks = [{"id": 1, "data": {"image": good}}] + [{"id": i, "data": {"image": url}} for i, url in bad.items()]
     tasks.append({"id": 7, "data": {"image": good}})
-    with caplog.at_level(logging.WARNING, logger="backend.model"):
+    with caplog.at_level(logging.WARNING, logger="backend.predict.pipeline"):
         response = post(backend, "/predict", {"tasks": tasks, "label_config": CONFIG, "project": "1.2"})
     results = response.json()["results"]
     assert response.status_code == 200 and len(results) == len(tasks)
@@ -97,31 +97,31 @@ def test_predict_keeps_task_order_and_fails_only_bad_tasks(backend, loopback: Lo
 
 def test_predict_reuses_text_embeddings_and_a_shared_image_is_fetched_once(backend, loopback):
     url = loopback.add("/a.jpg", Route(jpeg()))
-    model: ZeroShotModel = backend.app.state.model
+    model: Backend = backend.app.state.backend
     body = {"tasks": [{"id": 1, "data": {"image": url}}], "label_config": CONFIG}
     post(backend, "/predict", body)
-    encoded = model.texts.encoded
+    encoded = model.heads.texts.encoded
     assert encoded == 3 * 7  # 3 labels × 7 templates ("simple")
     body["tasks"].append({"id": 2, "data": {"image": url}})
     results = post(backend, "/predict", body).json()["results"]
-    assert model.texts.encoded == encoded  # repeated config: no text encoded
+    assert model.heads.texts.encoded == encoded  # repeated config: no text encoded
     assert results[0]["result"][0]["score"] == results[1]["result"][0]["score"]
     assert len(loopback.requests) == 1  # not one per task; then known by its URL (test_rescoring)
 
 
 def test_setup_warms_up_the_prompts(backend):
-    model: ZeroShotModel = backend.app.state.model
+    model: Backend = backend.app.state.backend
     config = CONFIG.replace("blue", "purple")
     post(backend, "/setup", {"project": "1.1", "schema": config})
     for _ in range(200):
-        if model.texts.encoded >= 21:
+        if model.heads.texts.encoded >= 21:
             break
         threading.Event().wait(0.05)
-    assert model.texts.encoded == 21
+    assert model.heads.texts.encoded == 21
 
 
 def test_model_runs_on_the_inference_thread_not_the_event_loop(backend, loopback):
-    model: ZeroShotModel = backend.app.state.model
+    model: Backend = backend.app.state.backend
     seen: set[str] = set()
     original = model.encoder.encode_images
 
@@ -180,7 +180,7 @@ def test_metrics_move_after_predict_and_webhook(backend, loopback):
 
 def test_dead_letters_are_exported_with_their_reason(backend):
     assert httpx.get(backend.url + "/export/dead-letters").text == ""
-    backend.app.state.model.journal.dead_letters.add(b'{"kind": "annotation"}\n', "KeyError: 'key'")
+    backend.app.state.backend.journal.dead_letters.add(b'{"kind": "annotation"}\n', "KeyError: 'key'")
     response = httpx.get(backend.url + "/export/dead-letters")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 EVIDENCE = ("accepted", "reason", "examples", "skipped", "before", "zero_shot", "after",
             "candidate", "compared_with_current", "seconds")
 HeadsFor = Callable[[str], Awaitable[tuple[ParsedConfig, tuple[Head, ...]]]]
-"""label config → its parsed spaces and zero-shot heads (built on the inference thread)."""
+"""label config → its parsed spaces and zero-shot heads, built on the inference thread (the
+runtime passes `zeroshot.heads.HeadCache.for_config`: a lower layer, never the predict path)."""
 
 
 @dataclass

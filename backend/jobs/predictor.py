@@ -55,3 +55,16 @@ class Predictor(Protocol):
         """One Label Studio prediction per task, in order (a failed task: `error`, no
         `result`); `background` work yields to Label Studio's own requests."""
         ...
+
+
+class LoadedPredictor(Predictor, Protocol):
+    """A predictor a worker process owns: it loads the model, and closes it at the end."""
+
+    @property
+    def model_label(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    async def wait_ready(self, timeout: float) -> object: ...
+
+    async def aclose(self) -> None: ...

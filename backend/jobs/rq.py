@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ..config import Settings
 from ..store.jobs import JobLedger, open_ledger
 from .executors import rq_queue
-from .predictor import Predictor, Task
+from .predictor import LoadedPredictor, Task
 from .work import Job, JobSpec, new_owner, work_item
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,12 @@ MODEL_WAIT_S = 900.0
 class RqRuntime:
     """The model and its event loop, kept for the RQ worker process's whole life."""
 
-    def __init__(self, settings: Settings) -> None:
-        from ..model import ZeroShotModel
-
+    def __init__(self, settings: Settings, build: Callable[[Settings], LoadedPredictor]) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop",
                                         daemon=True)
         self._thread.start()
-        self.model = ZeroShotModel(settings)
-        self.predictor: Predictor = self.model
+        self.model = build(settings)
         self.ledger: JobLedger = open_ledger(self.model.store)
         self.owner = new_owner()
         self.call(self._start())
@@ -69,16 +66,18 @@ def run_item(spec: dict[str, Any], tasks: list[Task]) -> dict[str, int]:
                            "worker`, not a plain `rq worker`")
     runtime = _RUNTIME
     job = Job(runtime.ledger, JobSpec(**spec), runtime.owner)
-    return runtime.call(work_item(runtime.predictor, job, tasks))
+    return runtime.call(work_item(runtime.model, job, tasks))
 
 
-def serve(settings: Settings, *, burst: bool = False) -> int:
-    """Load the model, then work items until stopped (or, with `burst`, the queue is empty)."""
+def serve(settings: Settings, build: Callable[[Settings], LoadedPredictor], *,
+          burst: bool = False) -> int:
+    """Load the model (`build`: the composition root), then work items until stopped (or,
+    with `burst`, the queue is empty)."""
     global _RUNTIME
     from rq.worker import SimpleWorker
 
     queue = rq_queue(settings)
-    runtime = _RUNTIME = RqRuntime(settings)
+    runtime = _RUNTIME = RqRuntime(settings, build)
     log.info("pre-label worker %s ready on queue %s (model %s)", runtime.owner, queue.name,
              runtime.model.model_label)
     try:

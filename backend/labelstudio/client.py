@@ -15,7 +15,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NewType
 from urllib.parse import urlsplit
 
 import httpx
@@ -29,7 +29,11 @@ REFRESH_MARGIN_S = 30.0
 """Refresh a PAT's access token this long before it expires."""
 
 
-def project_key(project: Any) -> str | None:
+ProjectId = NewType("ProjectId", str)
+"""A Label Studio project id as `project_key` parses it: "3", never "3.1700000000" or 3."""
+
+
+def project_key(project: Any) -> ProjectId | None:
     """Label Studio sends the project as "3.1700000000" in /setup and /predict, 3 or {"id": 3}
     in webhooks; all of them mean project 3."""
     if isinstance(project, dict):
@@ -37,7 +41,7 @@ def project_key(project: Any) -> str | None:
     if project is None or isinstance(project, bool):
         return None
     text = str(project).split(".")[0].strip()
-    return text or None
+    return ProjectId(text) if text else None
 
 
 def origin(url: str) -> tuple[str, str, int | None]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..adapt.adapter import Adapter, score
+from ..adapt.adapter import score
 from ..adapt.examples import cached_embedding, target_row, unusable
 from ..adapt.fit import MIN_EXAMPLES, Examples, adapt, normalise_rows
 from ..errors import ReviewError
@@ -79,11 +79,6 @@ def project_view(store: Store, project: str, space: LabelSpace, model: str) -> P
             annotated[where] = row
     stacked = normalise_rows(np.stack(vectors).astype(np.float64))
     return ProjectView(space, tasks, refs, stacked, annotated)
-
-
-def head_probabilities(view: ProjectView, head: Head, adapter: Adapter | None) -> Array:
-    """Probabilities of the view's tasks under the zero-shot head and the adapter, if any."""
-    return score(head, view.vectors, adapter).probs
 
 
 # --- selection ---------------------------------------------------------------------------------

@@ -13,13 +13,13 @@
 | POST /prelabel    | start (or resume) pre-labeling a whole project, in background  | –      |
 | GET /prelabel/... | a job's progress: queued, done, failed (with reasons)          | –      |
 
-Handlers only parse and delegate to `ZeroShotModel`; the model runs on its own thread.
+Handlers only parse (the project id once, here) and delegate to the process's `Backend`
+(runtime.py), through the label-studio-ml facade `ZeroShotModel` for /setup, /predict, /webhook.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -57,9 +57,10 @@ from ..errors import (
 from ..formats import EXTENSIONS, MEDIA_TYPES, jsonl_chunks, streamed
 from ..jobs.executors import ExecutorName
 from ..jobs.prelabel import Prelabeler
-from ..labelstudio.client import project_key
+from ..labelstudio.client import ProjectId, project_key
 from ..model import ZeroShotModel
 from ..review.queues import write
+from ..runtime import Backend
 from ..store.jobs import open_ledger
 from .middleware import install_middleware, too_large
 
@@ -125,26 +126,28 @@ class PredictRequest(BaseModel):
     params: dict[str, Any] | None = None
 
 
-def create_app(settings: Settings | None = None, model: ZeroShotModel | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """Build the app; the model starts loading (in the background) when the app starts."""
-    settings = settings or load_settings()
-    model = model or ZeroShotModel(settings)
+    backend = backend or Backend(settings or load_settings())
+    settings = settings or backend.settings
+    model = ZeroShotModel(backend)
     background: set[asyncio.Task[Any]] = set()
 
-    jobs = Prelabeler(model, open_ledger(model.store), settings)
+    jobs = Prelabeler(backend, open_ledger(backend.store), settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        model.start()
+        backend.start()
         yield
         await jobs.aclose()
-        await model.aclose()
+        await backend.aclose()
         log.info("stopped: in-flight work finished; corrections left in the spool for the next "
-                 "start: %d", model.journal.pending)
+                 "start: %d", backend.spooled)
 
     app = FastAPI(title="CLIP zero-shot pre-labeling backend for Label Studio",
                   version=__version__, lifespan=lifespan,
                   max_body_size=settings.MAX_REQUEST_BYTES)
+    app.state.backend = backend
     app.state.model = model
     install_middleware(app, settings)
     _add_error_handlers(app, settings)
@@ -152,27 +155,26 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
     @app.get("/")
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        status = model.status
-        metrics.INFERENCE_QUEUE.set(model.worker.pending)
+        status = backend.status
+        backend.update_gauges()
         return {"status": "UP", "model_class": type(model).__name__,
                 "model_state": status.state, "model_error": status.error,
-                "model": model.model_label, "load_seconds": status.load_seconds,
+                "model": backend.model_label, "load_seconds": status.load_seconds,
                 **status.details}
 
     @app.get("/ready", response_model=None)
     async def ready() -> dict[str, Any] | JSONResponse:
         """Readiness, for orchestrators: 503 while the model loads and after it failed."""
-        status = model.status
+        status = backend.status
         body = {"status": "READY" if status.state == "ready" else "NOT_READY",
                 "model_state": status.state, "model_error": status.error}
         return body if status.state == "ready" else JSONResponse(body, 503)
 
     @app.post("/setup")
     async def setup(body: SetupRequest) -> dict[str, Any]:
-        # parsing a large label config takes milliseconds to seconds: keep /health responsive
-        version = await asyncio.to_thread(model.setup, body.label_config, body.project,
-                                          body.hostname, body.access_token)
-        job = asyncio.create_task(model.warm_up(body.label_config))
+        version = await model.setup(body.label_config, project_key(body.project),
+                                    body.hostname, body.access_token)
+        job = asyncio.create_task(backend.warm_up(body.label_config))
         background.add(job)
         job.add_done_callback(_finish_background(background))
         return {"model_version": version}
@@ -188,7 +190,7 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
                                 f"MAX_TASKS_PER_REQUEST={limit}: select fewer tasks")
         context = (body.params or {}).get("context")
         results = await model.predict(body.tasks, context, label_config=body.label_config,
-                                      project=body.project)
+                                      project=project_key(body.project))
         return {"results": results}
 
     @app.post("/webhook", openapi_extra={"requestBody": WEBHOOK_BODY})
@@ -204,40 +206,40 @@ def create_app(settings: Settings | None = None, model: ZeroShotModel | None = N
         if not isinstance(event, dict) or not isinstance(event.get("action"), str):
             return JSONResponse({"status": "error", "detail": "expected {\"action\": ...}"}, 400)
         try:
-            return JSONResponse(await asyncio.to_thread(model.fit, event["action"], event))
+            return JSONResponse(await model.fit(event["action"], event))
         except OSError as exc:  # neither the store nor the local spool could take it
             log.error("webhook %s NOT recorded: %s", event["action"], exc)
             return JSONResponse({"status": "error", "detail": f"not recorded: {exc}"}, 503)
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
-        return {"versions": model.issued_versions(), "model": model.model_label}
+        return {"versions": backend.issued_versions(), "model": backend.model_label}
 
     @app.get("/heads")
     async def heads(project: str = Query(..., description="Label Studio project id")
                     ) -> dict[str, Any]:
         """The project's adapted heads with their held-out evidence; `active` marks the one
         served (none active: zero-shot)."""
-        listing = await asyncio.to_thread(model.registry.listing, project)
-        run = model.trainer.runs.get(project)
+        key = _project_id(project)
+        listing = await asyncio.to_thread(backend.heads_listing, key)
+        run = backend.last_run(key)
         return {"project": project, "heads": listing,
-                "active": await asyncio.to_thread(model.store.active_head, project),
-                "fitting": model.trainer.busy(project),
+                "active": await asyncio.to_thread(backend.active_head_id, key),
+                "fitting": backend.fitting(key),
                 "last_run": run.__dict__ if run else None}
 
     @app.post("/heads/activate")
     async def activate(body: ActivateRequest) -> dict[str, Any]:
         """Roll a project back (or forward) to a stored head, or to `zero-shot`."""
-        await asyncio.to_thread(model.registry.activate, body.project, body.head)
+        await asyncio.to_thread(backend.activate_head, _project_id(body.project), body.head)
         return {"project": body.project, "active": body.head}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.INFERENCE_QUEUE.set(model.worker.pending)
-        metrics.SPOOL_REPLAY_ALIVE.set(model.journal.alive)
+        backend.update_gauges()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    _add_export_routes(app, model)
+    _add_export_routes(app, backend)
     _add_prelabel_routes(app, jobs, settings)
     return app
 
@@ -267,7 +269,7 @@ def _add_prelabel_routes(app: FastAPI, jobs: Prelabeler, settings: Settings) -> 
         return await asyncio.to_thread(jobs.cancel, job)
 
 
-def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
+def _add_export_routes(app: FastAPI, backend: Backend) -> None:
     """The corrections dataset and its summary, read from the store off the event loop."""
 
     @app.get("/export/corrections")
@@ -284,13 +286,13 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
                                    "only_changed": only_changed,
                                    "include_deleted": include_deleted}
         if fmt == "parquet":
-            body = await asyncio.to_thread(_parquet, model, filters, embeddings)
+            body = await asyncio.to_thread(backend.corrections_parquet, filters, embeddings)
             return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
         if embeddings:
             raise ExportError("embeddings=true is supported only with format=parquet "
                                      "over HTTP (JSONL and CSV carry them in a separate .npy: "
                                      "use the CLI)")
-        rows = await asyncio.to_thread(_started, export.correction_rows(model.store, **filters))
+        rows = await asyncio.to_thread(_started, backend.correction_rows(**filters))
         return StreamingResponse(streamed(rows, fmt, export.COLUMNS, trailer),
                                  media_type=MEDIA_TYPES[fmt], headers=headers)
 
@@ -302,9 +304,9 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
             fmt: str = Query("jsonl", alias="format")) -> Response:
         """Tasks to label next: strategy uncertainty | coreset | uncertain_diverse |
         cold_start | random; format jsonl | csv | labelstudio (tasks to import)."""
-        rows, header, data_key = await model.review_export(
-            "selection", project, control=control, strategy=strategy, budget=budget, seed=seed,
-            uncertainty=uncertainty, random_fraction=random_fraction)
+        rows, header, data_key = await backend.review_export(
+            "selection", _project_id(project), control=control, strategy=strategy,
+            budget=budget, seed=seed, uncertainty=uncertainty, random_fraction=random_fraction)
         return _review_response(rows, header, fmt, "selection", data_key, project)
 
     @app.get("/export/review")
@@ -313,15 +315,15 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
                             fmt: str = Query("jsonl", alias="format")) -> Response:
         """Tasks a human should check: likely label errors, model–annotator disagreements,
         and predictions below the confidence that reaches `target_precision`."""
-        rows, header, data_key = await model.review_export(
-            "review", project, control=control, target_precision=target_precision)
+        rows, header, data_key = await backend.review_export(
+            "review", _project_id(project), control=control, target_precision=target_precision)
         return _review_response(rows, header, fmt, "review", data_key, project)
 
     @app.get("/export/dead-letters")
     async def export_dead_letters() -> Response:
         """Log entries the store could never apply, each with why (JSONL): fix their `entry`
         and apply them with `python -m backend replay dead-letters --input FILE`."""
-        letters = await asyncio.to_thread(model.journal.dead_letters.read)
+        letters = await asyncio.to_thread(backend.dead_letters)
         return Response(b"".join(jsonl_chunks(letters)),
                         media_type=MEDIA_TYPES["jsonl"], headers={
                             "Content-Disposition": 'attachment; filename="dead-letters.jsonl"'})
@@ -330,7 +332,7 @@ def _add_export_routes(app: FastAPI, model: ZeroShotModel) -> None:
     async def export_summary(project: str | None = None,
                              since: str | None = None) -> dict[str, Any]:
         export.parse_since(since)
-        rows = export.correction_rows(model.store, project=project, since=since)
+        rows = backend.correction_rows(project=project, since=since)
         return await asyncio.to_thread(summary, rows)
 
 
@@ -349,11 +351,9 @@ def _started(rows: Iterator[export.Row]) -> Iterator[export.Row]:
     return itertools.chain(first, rows)
 
 
-def _parquet(model: ZeroShotModel, filters: dict[str, Any], embeddings: bool) -> bytes:
-    buffer = io.BytesIO()
-    export.export_corrections(model.store, buffer, "parquet", embeddings=embeddings,
-                              model_label=model.embedding_model, **filters)
-    return buffer.getvalue()
+def _project_id(value: str) -> ProjectId:
+    """A project id from a query or body: "3", or Label Studio's "3.1700000000"."""
+    return project_key(value) or ProjectId(value)
 
 
 def _filename(project: str | None, fmt: str) -> str:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+T = TypeVar("T")
 
 
 class BackendThread:
@@ -23,9 +28,23 @@ class BackendThread:
         self._socket.bind(("127.0.0.1", 0))
         config = uvicorn.Config(app, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        serve = self._server.serve
+
+        async def serve_and_keep_loop(sockets: list[socket.socket] | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await serve(sockets)
+
+        self._server.serve = serve_and_keep_loop  # type: ignore[method-assign]
+        self._server.run(sockets=[self._socket])
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the server's event loop (as a request handler would)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,90 @@
+"""The context phase: what predicting for one label config and project needs (`ProjectContext`),
+and the model_versions this process issues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ..adapt.registry import ZERO_SHOT_SERVED, HeadRegistry, ServedHead
+from ..config import Settings
+from ..errors import StoreUnavailable
+from ..labelstudio.client import LabelStudioAccess, ProjectId
+from ..labelstudio.label_config import ParsedConfig
+from ..labelstudio.projects import ProjectMemory
+from ..lru import LRU
+from ..zeroshot.heads import HeadCache, parse_config
+from ..zeroshot.prompts import plan_prompts, prompt_set_hash
+from ..zeroshot.scoring import Head
+
+log = logging.getLogger(__name__)
+
+MAX_VERSIONS_KEPT = 100
+
+
+@dataclass(frozen=True)
+class ProjectContext:
+    """What one request knows about its project: label spaces, heads, version, LS access."""
+
+    parsed: ParsedConfig
+    heads: tuple[Head, ...]
+    model_version: str
+    ls: LabelStudioAccess | None
+    project: ProjectId | None = None
+    active: ServedHead = ZERO_SHOT_SERVED
+
+
+class Contexts:
+    """Builds `ProjectContext`s: parsed config, zero-shot heads, the project's active adapted
+    head and the model_version they make."""
+
+    def __init__(self, settings: Settings, heads: HeadCache, projects: ProjectMemory,
+                 registry: HeadRegistry) -> None:
+        self.settings = settings
+        self.heads = heads
+        self.projects = projects
+        self.registry = registry
+        self.model_label = heads.host.model_label
+        self._versions: LRU[str, None] = LRU(MAX_VERSIONS_KEPT)
+
+    async def build(self, label_config: str, project: ProjectId | None = None,
+                    head: str | None = None) -> ProjectContext:
+        """`head` pins a stored head (a pre-label job keeps the one it started with) instead
+        of the active one."""
+        parsed = await asyncio.to_thread(parse_config, label_config, self.settings)
+        heads = await self.heads.for_spaces(parsed)
+        ls = self.projects.label_studio(project)
+        if project is not None:
+            self.projects.remember_config(project, label_config)
+        if head is None or project is None:
+            active = await asyncio.to_thread(self.active_head, project)
+        else:
+            active = await asyncio.to_thread(self.registry.load, project, head)
+        return ProjectContext(parsed, heads, self.model_version(parsed, active), ls, project,
+                              active)
+
+    def active_head(self, project: ProjectId | None) -> ServedHead:
+        """The adapted head a project serves; zero-shot when it has none (or the store is
+        down and this process never read it)."""
+        if not self.settings.ADAPT:
+            return ZERO_SHOT_SERVED
+        try:
+            return self.registry.active(project)
+        except StoreUnavailable as exc:
+            log.debug("active head unknown: %s", exc)
+            return self.registry.last_known(project)
+
+    def model_version(self, parsed: ParsedConfig, active: ServedHead = ZERO_SHOT_SERVED) -> str:
+        """Backbone, weights, prompt-set hash and the project's adapted head if it has one,
+        e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d` or `…:p1a2b3c4d:h3`."""
+        plans = [plan_prompts(space, self.settings.TEMPLATES) for space in parsed.spaces]
+        version = f"{self.model_label}:p{prompt_set_hash(plans, parsed.spaces)}"
+        if active.id:
+            version += f":{active.id}"
+        self._versions.put(version, None)
+        return version
+
+    def issued_versions(self) -> list[str]:
+        """Model versions this process has issued, most recent last."""
+        return list(self._versions)
