@@ -34,7 +34,7 @@ from .store import Record, Store, open_store
 from .store.entry import Entry
 from .zeroshot.encoder import Encoder
 from .zeroshot.heads import HeadCache, parse_config
-from .zeroshot.inference import InferenceWorker
+from .zeroshot.inference import InferenceThread
 from .zeroshot.loader import LOAD_WAIT_S, EncoderHost, ModelState, max_batch
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Backend:
         self.journal = Journal(self.store, settings.MODEL_DIR / "spool")
         self.fetcher = fetcher or ImageFetcher(settings)
         self.version_sync = VersionSync(self.fetcher.ls_policy)
-        self.inference = InferenceWorker(max_batch(settings), settings.BATCH_WAIT_MS / 1000)
+        self.inference = InferenceThread(max_batch(settings), settings.BATCH_WAIT_MS / 1000)
         self.host = EncoderHost(settings, self.inference, encoder)
         self.registry = HeadRegistry(self.store, self.host.embedding_model)
         self.heads = HeadCache(settings, self.host)

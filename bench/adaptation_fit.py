@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.adapt.fit import Examples, adapt, learning_curve  # noqa: E402
-from backend.zeroshot.scoring import Head  # noqa: E402
+from backend.zeroshot.scoring import ZeroShotHead  # noqa: E402
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -37,8 +37,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     text = unit(rng.normal(size=(args.labels, args.dim)))
     centres = unit(text + rng.normal(size=args.dim) + rng.normal(size=text.shape) * 0.5)
-    head = Head(torch.from_numpy(text).float(), torch.arange(args.labels), args.labels, "mean",
-                "softmax", 100.0, 0.0)
+    head = ZeroShotHead(torch.from_numpy(text).float(), torch.arange(args.labels), args.labels,
+                        "mean", "softmax", 100.0, 0.0)
     print(f"threads {torch.get_num_threads()}, dim {args.dim}, labels {args.labels}")
     print("corrections  fit (s)  learning curve (s)  method      held-out acc zero-shot → served")
     for n in args.corrections:

@@ -11,7 +11,7 @@ from backend.adapt.adapter import zero_shot_logits
 from backend.adapt.fit import Examples, adapt, label_text_vectors
 from backend.adapt.registry import ServedHead, adapter_document, adapter_from_document, space_digest
 from backend.labelstudio.label_config import parse_label_config
-from backend.zeroshot.scoring import Head
+from backend.zeroshot.scoring import ZeroShotHead
 
 from .support.vectors import unit
 
@@ -33,7 +33,7 @@ def world():
         x = unit(centres[y] + r.normal(size=(len(y), DIM)) * 0.25)
         return x, y
 
-    head = Head(torch.from_numpy(text).float(), torch.arange(LABELS), LABELS, "mean", "softmax", 20.0, 0.0)
+    head = ZeroShotHead(torch.from_numpy(text).float(), torch.arange(LABELS), LABELS, "mean", "softmax", 20.0, 0.0)
     return head, sample
 
 
@@ -85,7 +85,7 @@ def test_multi_label_gets_calibration_and_thresholds(world):
     x, y = sample(12, 8)
     targets = np.eye(LABELS)[y]
     targets[::3, (y[::3] + 1) % LABELS] = 1  # every third image also shows the next label
-    sig = Head(head.weights, head.group_label, LABELS, "mean", "sigmoid", 20.0, -8.0)
+    sig = ZeroShotHead(head.weights, head.group_label, LABELS, "mean", "sigmoid", 20.0, -8.0)
     fit = adapt(sig, Examples(x, targets, np.zeros(len(x))), multiple=True)
     assert "f1" in fit.after and fit.examples == len(x)
     if fit.accepted:
@@ -94,7 +94,7 @@ def test_multi_label_gets_calibration_and_thresholds(world):
 
 def test_text_vectors_pool_prompt_groups_per_label():
     groups = unit(np.random.default_rng(9).normal(size=(3, DIM)))
-    head = Head(torch.from_numpy(groups).float(), torch.tensor([0, 0, 1]), 2, "max", "softmax", 10.0, 0.0)
+    head = ZeroShotHead(torch.from_numpy(groups).float(), torch.tensor([0, 0, 1]), 2, "max", "softmax", 10.0, 0.0)
     vectors = label_text_vectors(head)
     assert np.allclose(vectors[0], unit(groups[0] + groups[1]), atol=1e-6)
     assert np.allclose(vectors[1], groups[2], atol=1e-6)

@@ -10,21 +10,21 @@ import torch
 from backend.adapt.adapter import Adapter, score
 from backend.adapt.calibration import Platt
 from backend.adapt.fit import normalise_rows
-from backend.zeroshot.scoring import Head, label_logits, probabilities
+from backend.zeroshot.scoring import ZeroShotHead, label_logits, probabilities
 
 from .support.vectors import unit
 
 LABELS, GROUPS, DIM = 5, 7, 16
 
 
-def heads() -> list[Head]:
+def heads() -> list[ZeroShotHead]:
     rng = np.random.default_rng(1)
     groups = torch.from_numpy(unit(rng.normal(size=(GROUPS, DIM)))).float()
     owners = torch.tensor([0, 1, 2, 3, 4, 0, 2])
     mean = torch.from_numpy(unit(rng.normal(size=(LABELS, DIM)))).float()
-    return [Head(mean, torch.arange(LABELS), LABELS, "mean", "softmax", 100.0, 0.0),
-            Head(groups, owners, LABELS, "max", "softmax", 30.0, 0.0),
-            Head(mean, torch.arange(LABELS), LABELS, "mean", "sigmoid", 10.0, -5.0)]
+    return [ZeroShotHead(mean, torch.arange(LABELS), LABELS, "mean", "softmax", 100.0, 0.0),
+            ZeroShotHead(groups, owners, LABELS, "max", "softmax", 30.0, 0.0),
+            ZeroShotHead(mean, torch.arange(LABELS), LABELS, "mean", "sigmoid", 10.0, -5.0)]
 
 
 def adapters(scoring: str) -> list[Adapter | None]:
@@ -39,7 +39,7 @@ def adapters(scoring: str) -> list[Adapter | None]:
             Adapter("prototypes", residual, bias, platt=platt)]
 
 
-def cases() -> list[tuple[Head, Adapter | None]]:
+def cases() -> list[tuple[ZeroShotHead, Adapter | None]]:
     return [(head, adapter) for head in heads() for adapter in adapters(head.scoring)]
 
 
@@ -49,7 +49,7 @@ def embeddings() -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True)
 
 
-def old_predict(head: Head, vector: torch.Tensor,
+def old_predict(head: ZeroShotHead, vector: torch.Tensor,
                 adapter: Adapter | None) -> tuple[np.ndarray, np.ndarray | None]:
     if adapter is None:
         return probabilities(head, vector)[0], None
@@ -57,7 +57,7 @@ def old_predict(head: Head, vector: torch.Tensor,
     return adapter.probabilities(z0, vector.double().numpy(), head.scoring)[0], adapter.thresholds
 
 
-def old_review(head: Head, vectors: np.ndarray, adapter: Adapter | None) -> np.ndarray:
+def old_review(head: ZeroShotHead, vectors: np.ndarray, adapter: Adapter | None) -> np.ndarray:
     if adapter is None:
         return probabilities(head, torch.from_numpy(vectors))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from backend.zeroshot.inference import InferenceWorker
+from backend.zeroshot.inference import InferenceThread
 
 
 class Doubler:
@@ -22,7 +22,7 @@ class Doubler:
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
     model = Doubler()
-    worker = InferenceWorker(max_batch=4, wait_s=0.05)
+    worker = InferenceThread(max_batch=4, wait_s=0.05)
     worker.start()
 
     async def run():
@@ -40,7 +40,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
 
 
 def test_calls_run_on_the_worker_and_errors_reach_every_waiter():
-    worker = InferenceWorker(max_batch=8, wait_s=0.01)
+    worker = InferenceThread(max_batch=8, wait_s=0.01)
     worker.start()
 
     def broken(batch: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_calls_run_on_the_worker_and_errors_reach_every_waiter():
 
 
 def test_stop_finishes_queued_work():
-    worker = InferenceWorker(max_batch=2, wait_s=0.0)
+    worker = InferenceThread(max_batch=2, wait_s=0.0)
     futures = [worker.submit(lambda i=i: i * 3) for i in range(5)]
     worker.start()
     worker.stop(5)
@@ -70,7 +70,7 @@ def test_stop_finishes_queued_work():
 
 def test_batch_cap_must_be_positive():
     with pytest.raises(ValueError):
-        InferenceWorker(max_batch=0, wait_s=0)
+        InferenceThread(max_batch=0, wait_s=0)
 
 
 def test_label_studio_requests_overtake_queued_background_work():
@@ -80,7 +80,7 @@ def test_label_studio_requests_overtake_queued_background_work():
 
     seen: list[float] = []
     gate = threading.Event()
-    worker = InferenceWorker(max_batch=2, wait_s=0.0)
+    worker = InferenceThread(max_batch=2, wait_s=0.0)
 
     def encode(batch: torch.Tensor) -> torch.Tensor:
         gate.wait(5)
@@ -119,7 +119,7 @@ def test_the_inference_thread_and_the_threads_it_starts_yield_the_cpu_to_the_eve
         return seen[0]
 
     caller = niceness()
-    worker = InferenceWorker(max_batch=1, wait_s=0, nice=3)
+    worker = InferenceThread(max_batch=1, wait_s=0, nice=3)
     worker.start()
     try:
         own = worker.submit(niceness).result(5)

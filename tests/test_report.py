@@ -14,7 +14,7 @@ from backend.cli import _model_label, main
 from backend.config import load_settings
 from backend.labelstudio.label_config import parse_label_config
 from backend.store.sqlite import SqliteStore
-from backend.zeroshot.scoring import Head
+from backend.zeroshot.scoring import ZeroShotHead
 
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="kind" toName="image">'
           '<Choice value="cat"/><Choice value="dog"/><Choice value="fox"/></Choices></View>')
@@ -29,7 +29,7 @@ def stored_head():
     y = np.repeat(np.arange(3), 10)
     x = text[y] + rng.normal(size=(30, 16)) * 0.4 + 0.5
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    head = Head(torch.from_numpy(text).float(), torch.arange(3), 3, "mean", "softmax", 10.0, 0.0)
+    head = ZeroShotHead(torch.from_numpy(text).float(), torch.arange(3), 3, "mean", "softmax", 10.0, 0.0)
     examples = Examples(x, np.eye(3)[y], np.zeros(30))
     space = parse_label_config(CONFIG).spaces[0]
     control = _control_record(space, head, examples, adapt(head, examples, False), {})

@@ -10,7 +10,7 @@ import torch
 from backend.adapt.adapter import zero_shot_logits
 from backend.adapt.fit import Examples, adapt
 from backend.review.selection import cold_start, k_center, likely_label_errors, select
-from backend.zeroshot.scoring import Head
+from backend.zeroshot.scoring import ZeroShotHead
 from backend.zeroshot.uncertainty import entropy, margin, measures, priority
 
 from .support.vectors import softmax, unit
@@ -27,7 +27,7 @@ def pool():
     sizes = rng.integers(20, 80, LABELS)
     y = np.repeat(np.arange(LABELS), sizes)
     x = unit(centres[y] + rng.normal(size=(len(y), DIM)) * 0.15)
-    head = Head(torch.from_numpy(text).float(), torch.arange(LABELS), LABELS, "mean", "softmax", 30.0, 0.0)
+    head = ZeroShotHead(torch.from_numpy(text).float(), torch.arange(LABELS), LABELS, "mean", "softmax", 30.0, 0.0)
     return x, y, head
 
 
@@ -109,7 +109,7 @@ def test_flipped_labels_top_the_label_error_queue(micro_clip):
     with torch.no_grad():
         x = model.encode_image(torch.stack([preprocess(i) for i, _, _ in images]), normalize=True).double().numpy()
         text = model.encode_text(tokenizer([f"a photo of a {n}." for n in NAMES]), normalize=True)
-    head = Head(text.float(), torch.arange(len(NAMES)), len(NAMES), "mean", "softmax",
+    head = ZeroShotHead(text.float(), torch.arange(len(NAMES)), len(NAMES), "mean", "softmax",
                 float(model.logit_scale.detach().exp()), 0.0)
     truth = np.array([NAMES.index(f"{c} {s}") for _, c, s in images])
     rng = np.random.default_rng(0)
@@ -143,7 +143,7 @@ def test_on_the_micro_clip_margin_sampling_needs_fewer_labels_than_random(micro_
     y_test = np.array([pairs.index((c, s)) for _, c, s in test_images])
     with torch.no_grad():
         text = model.encode_text(tokenizer([f"a photo of a {code}." for code in codes]), normalize=True)
-    head = Head(text.float(), torch.arange(len(codes)), len(codes), "mean", "softmax",
+    head = ZeroShotHead(text.float(), torch.arange(len(codes)), len(codes), "mean", "softmax",
                 float(model.logit_scale.detach().exp()), 0.0)
     labels = len(codes)
 

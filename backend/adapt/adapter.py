@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..zeroshot.scoring import Head, label_logits, probabilities
+from ..zeroshot.scoring import ZeroShotHead, label_logits, probabilities
 from .calibration import Platt
 
 Array = npt.NDArray[np.float64]
@@ -54,7 +54,7 @@ class Scored:
     thresholds: Array | None = None  # (L,)
 
 
-def score(head: Head, vectors: Vectors, adapter: Adapter | None = None) -> Scored:
+def score(head: ZeroShotHead, vectors: Vectors, adapter: Adapter | None = None) -> Scored:
     """The served probabilities of `vectors` under the zero-shot `head` and `adapter`, if any.
 
     Both paths compute the logits from float32 embeddings; the adapter adds its residual to
@@ -66,7 +66,7 @@ def score(head: Head, vectors: Vectors, adapter: Adapter | None = None) -> Score
                   adapter.thresholds)
 
 
-def zero_shot_logits(head: Head, vectors: Vectors) -> Array:
+def zero_shot_logits(head: ZeroShotHead, vectors: Vectors) -> Array:
     """(N, D) embeddings → (N, L) float64 zero-shot logits (computed in float32)."""
     with torch.no_grad():
         logits = label_logits(head, torch.from_numpy(vectors.astype(np.float32)))

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..zeroshot.scoring import Head
+from ..zeroshot.scoring import ZeroShotHead
 from .adapter import Adapter, calibrated, softmax, zero_shot_logits
 from .calibration import (
     Platt,
@@ -100,7 +100,7 @@ class Fit:
     held_out_probs: Array | None = field(default=None, repr=False)
 
 
-def label_text_vectors(head: Head) -> Array:
+def label_text_vectors(head: ZeroShotHead) -> Array:
     """One normalised text vector per label (the mean of its prompt groups)."""
     weights = head.weights.double().numpy()
     owners = head.group_label.numpy()
@@ -110,7 +110,7 @@ def label_text_vectors(head: Head) -> Array:
 
 
 # --- the whole procedure -----------------------------------------------------------------------
-def adapt(head: Head, examples: Examples, multiple: bool, current: Adapter | None = None,
+def adapt(head: ZeroShotHead, examples: Examples, multiple: bool, current: Adapter | None = None,
           fitted_until: float | None = None) -> Fit:
     """Choose, evaluate and calibrate an adapter for one control from its corrections.
 
@@ -128,7 +128,7 @@ def adapt(head: Head, examples: Examples, multiple: bool, current: Adapter | Non
     return replace(fit, seconds=round(time.perf_counter() - started, 3))
 
 
-def _adapt_single(head: Head, ex: Examples, z0: Array, text: Array) -> Fit:
+def _adapt_single(head: ZeroShotHead, ex: Examples, z0: Array, text: Array) -> Fit:
     scoring = head.scoring
     folds = _folds(ex.labels, OUTER_FOLDS)
     held_out = np.zeros_like(z0)
@@ -180,7 +180,7 @@ def _against_current(fit: Fit, scoring: str, ex: Examples, z0: Array, current: A
     return replace(fit, compared_with_current=comparison)
 
 
-def _adapt_multi(head: Head, ex: Examples, z0: Array) -> Fit:
+def _adapt_multi(head: ZeroShotHead, ex: Examples, z0: Array) -> Fit:
     """Calibration and thresholds only; judged on held-out folds like the rest."""
     held_out = np.zeros_like(z0)
     decisions = np.zeros_like(z0)
@@ -209,7 +209,7 @@ def _adapt_multi(head: Head, ex: Examples, z0: Array) -> Fit:
                _per_label_multi(decisions, ex), 0.0, bins)
 
 
-def learning_curve(head: Head, ex: Examples, shots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+def learning_curve(head: ZeroShotHead, ex: Examples, shots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
                    ) -> list[dict[str, float]]:
     """Accuracy after k corrections per label (training-free candidates, chosen by CV on those
     k), on the remaining corrections, beside zero-shot on the same items."""
@@ -243,7 +243,7 @@ def _bins(probs: Array, ex: Examples) -> list[dict[str, float]]:
 Builder = Callable[[Examples, Array], Adapter]
 
 
-def _candidates(head: Head, ex: Examples, text: Array, prototypes_only: bool = False
+def _candidates(head: ZeroShotHead, ex: Examples, text: Array, prototypes_only: bool = False
                 ) -> list[Builder]:
     found = [_prototype_builder(head, text, alpha, kappa)
              for alpha in ALPHAS for kappa in SHRINKAGE]
@@ -254,11 +254,11 @@ def _candidates(head: Head, ex: Examples, text: Array, prototypes_only: bool = F
     return found
 
 
-def _prototype_builder(head: Head, text: Array, alpha: float, kappa: float) -> Builder:
+def _prototype_builder(head: ZeroShotHead, text: Array, alpha: float, kappa: float) -> Builder:
     return lambda ex, _z0: _prototypes(head, ex, text, alpha, kappa)
 
 
-def _select(head: Head, ex: Examples, z0: Array, text: Array,
+def _select(head: ZeroShotHead, ex: Examples, z0: Array, text: Array,
             prototypes_only: bool = False) -> Builder:
     """The candidate with the best inner cross-validated accuracy, then NLL."""
     candidates = _candidates(head, ex, text, prototypes_only)
@@ -277,7 +277,8 @@ def _select(head: Head, ex: Examples, z0: Array, text: Array,
     return best
 
 
-def _prototypes(head: Head, ex: Examples, text: Array, alpha: float, kappa: float) -> Adapter:
+def _prototypes(head: ZeroShotHead, ex: Examples, text: Array, alpha: float,
+                kappa: float) -> Adapter:
     targets, vectors = ex.targets, ex.vectors
     counts = targets.sum(axis=0)
     sums = targets.T @ vectors
@@ -292,7 +293,7 @@ def _prototypes(head: Head, ex: Examples, text: Array, alpha: float, kappa: floa
                    params={"alpha": alpha, "shrinkage": kappa})
 
 
-def _probe(head: Head, ex: Examples, z0: Array) -> Adapter:
+def _probe(head: ZeroShotHead, ex: Examples, z0: Array) -> Adapter:
     """Linear residual on centred features, L2-pulled to zero (the zero-shot head)."""
     centre = ex.vectors.mean(axis=0)
     x = torch.from_numpy(ex.vectors - centre).float()

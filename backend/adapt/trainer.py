@@ -22,7 +22,7 @@ from ..corrections.records import updated_ts
 from ..errors import BackendError
 from ..labelstudio.label_config import LabelSpace, ParsedConfig
 from ..store import Record, Store
-from ..zeroshot.scoring import Head
+from ..zeroshot.scoring import ZeroShotHead
 from .examples import collect_examples
 from .fit import MIN_EXAMPLES, Examples, Fit, adapt, learning_curve
 from .registry import HeadId, HeadRegistry, adapter_document, space_digest
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 EVIDENCE = ("accepted", "reason", "examples", "skipped", "before", "zero_shot", "after",
             "candidate", "compared_with_current", "seconds")
-HeadsFor = Callable[[str], Awaitable[tuple[ParsedConfig, tuple[Head, ...]]]]
+HeadsFor = Callable[[str], Awaitable[tuple[ParsedConfig, tuple[ZeroShotHead, ...]]]]
 """label config → its parsed spaces and zero-shot heads, built on the inference thread (the
 runtime passes `zeroshot.heads.HeadCache.for_config`: a lower layer, never the predict path)."""
 
@@ -49,7 +49,7 @@ class Run:
 
 # --- one run -----------------------------------------------------------------------------------
 def fit_project(store: Store, registry: HeadRegistry, project: str, parsed: ParsedConfig,
-                heads: tuple[Head, ...], trigger: str) -> tuple[HeadId | None, Record]:
+                heads: tuple[ZeroShotHead, ...], trigger: str) -> tuple[HeadId | None, Record]:
     """Fit every control of a project; publish a head if any control gained something."""
     started = time.perf_counter()
     records = list(store.corrections(project))  # read once; later ones are unseen by this fit
@@ -89,7 +89,7 @@ def _carry_over(store: Store, project: str, head_id: HeadId | None, parsed: Pars
             controls[space.name] = {**kept, "accepted": False, "carried_over_from": head_id}
 
 
-def _control_record(space: LabelSpace, head: Head, examples: Examples, fit: Fit,
+def _control_record(space: LabelSpace, head: ZeroShotHead, examples: Examples, fit: Fit,
                     skipped: dict[str, int]) -> Record:
     names = [label.path[-1] if space.kind != "taxonomy" else "/".join(label.path)
              for label in space.labels]

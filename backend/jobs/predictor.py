@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..labelstudio.client import LabelStudioAccess
     from ..labelstudio.label_config import ParsedConfig
     from ..store import Store
-    from ..zeroshot.scoring import Head
+    from ..zeroshot.scoring import ZeroShotHead
 
 Task = dict[str, Any]
 
@@ -23,7 +23,7 @@ class PredictContext(Protocol):
     @property
     def parsed(self) -> ParsedConfig: ...
     @property
-    def heads(self) -> tuple[Head, ...]: ...
+    def heads(self) -> tuple[ZeroShotHead, ...]: ...
     @property
     def model_version(self) -> str: ...
     @property

@@ -16,7 +16,7 @@ from ..labelstudio.projects import ProjectMemory
 from ..lru import LRU
 from ..zeroshot.heads import HeadCache, parse_config
 from ..zeroshot.prompts import plan_prompts, prompt_set_hash
-from ..zeroshot.scoring import Head
+from ..zeroshot.scoring import ZeroShotHead
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class ProjectContext:
     """What one request knows about its project: label spaces, heads, version, LS access."""
 
     parsed: ParsedConfig
-    heads: tuple[Head, ...]
+    heads: tuple[ZeroShotHead, ...]
     model_version: str
     ls: LabelStudioAccess | None
     project: ProjectId | None = None

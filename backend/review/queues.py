@@ -30,7 +30,7 @@ from ..errors import ReviewError
 from ..formats import columns_of, comment_line, csv_chunks, jsonl_chunks, labelstudio_chunks
 from ..labelstudio.label_config import LabelSpace
 from ..store import Record, Store
-from ..zeroshot.scoring import Head
+from ..zeroshot.scoring import ZeroShotHead
 from ..zeroshot.uncertainty import measures
 from .selection import likely_label_errors, select
 
@@ -99,7 +99,7 @@ def selection(view: ProjectView, probs: Array, strategy: str, budget: int, seed:
 
 
 # --- review queues -----------------------------------------------------------------------------
-def review(view: ProjectView, probs: Array, head: Head, target_precision: float = 0.95
+def review(view: ProjectView, probs: Array, head: ZeroShotHead, target_precision: float = 0.95
            ) -> tuple[list[Row], dict[str, Any]]:
     if view.space.multiple:
         raise ReviewError("review queues support single-choice controls so far; "
@@ -139,7 +139,7 @@ def review(view: ProjectView, probs: Array, head: Head, target_precision: float 
     return rows, params
 
 
-def _held_out_probabilities(view: ProjectView, head: Head, annotated: npt.NDArray[np.int64],
+def _held_out_probabilities(view: ProjectView, head: ZeroShotHead, annotated: npt.NDArray[np.int64],
                             truth: npt.NDArray[np.int64]) -> Array:
     """Probabilities of the annotated items from heads fitted without them (zero-shot when
     there are too few to fit anything)."""

@@ -11,10 +11,10 @@ from ..config import Settings
 from ..labelstudio.label_config import LabelSpace, ParsedConfig, parse_label_config
 from ..lru import LRU
 from .encoder import Encoder
-from .inference import InferenceWorker
+from .inference import InferenceThread
 from .loader import EncoderHost
 from .prompts import PromptPlan, check_prompt_count, plan_prompts
-from .scoring import Head, build_head, ensemble
+from .scoring import ZeroShotHead, build_head, ensemble
 from .text_embeddings import DEFAULT_MAX_PROMPTS, TextEmbeddingCache
 
 HEAD_CACHE_SIZE = 256
@@ -39,23 +39,23 @@ class HeadCache:
         self.host = host
         # room for the largest config's prompts: a head never outgrows the cache
         self.texts = TextEmbeddingCache(max(DEFAULT_MAX_PROMPTS, settings.MAX_PROMPTS_PER_CONFIG))
-        self._heads: LRU[str, Head] = LRU(HEAD_CACHE_SIZE)
-        self._building: dict[str, asyncio.Future[Head]] = {}
+        self._heads: LRU[str, ZeroShotHead] = LRU(HEAD_CACHE_SIZE)
+        self._building: dict[str, asyncio.Future[ZeroShotHead]] = {}
 
     @property
-    def inference(self) -> InferenceWorker:
+    def inference(self) -> InferenceThread:
         return self.host.inference
 
-    async def for_config(self, label_config: str) -> tuple[ParsedConfig, tuple[Head, ...]]:
+    async def for_config(self, label_config: str) -> tuple[ParsedConfig, tuple[ZeroShotHead, ...]]:
         """A label config's parsed spaces and their zero-shot heads (waits for the model)."""
         parsed = await asyncio.to_thread(parse_config, label_config, self.settings)
         return parsed, await self.for_spaces(parsed)
 
-    async def for_spaces(self, parsed: ParsedConfig) -> tuple[Head, ...]:
+    async def for_spaces(self, parsed: ParsedConfig) -> tuple[ZeroShotHead, ...]:
         encoder = await self.host.wait_ready()
         return tuple([await self.head(space, encoder) for space in parsed.spaces])
 
-    async def head(self, space: LabelSpace, encoder: Encoder) -> Head:
+    async def head(self, space: LabelSpace, encoder: Encoder) -> ZeroShotHead:
         # a digest: a fingerprint holds every label and prompt, megabytes for a large set
         key = hashlib.sha256(f"{space.fingerprint()}\x00{self.settings.TEMPLATES}".encode(
             "utf-8", "surrogatepass")).hexdigest()
@@ -72,7 +72,7 @@ class HeadCache:
         self._heads.put(key, head)
         return head
 
-    async def _build(self, space: LabelSpace, encoder: Encoder) -> Head:
+    async def _build(self, space: LabelSpace, encoder: Encoder) -> ZeroShotHead:
         """Encode the missing prompts on the inference thread, PROMPTS_PER_CALL per call (each
         call queues behind the image work that arrived meanwhile), then ensemble each group."""
         plan = await asyncio.to_thread(plan_prompts, space, self.settings.TEMPLATES)
@@ -82,7 +82,7 @@ class HeadCache:
                                       encoder.encode_texts)
         return await self.inference.call(self._assemble, space, plan, encoder)
 
-    def _assemble(self, space: LabelSpace, plan: PromptPlan, encoder: Encoder) -> Head:
+    def _assemble(self, space: LabelSpace, plan: PromptPlan, encoder: Encoder) -> ZeroShotHead:
         """Runs on the inference thread: ensembles each group of the plan's prompt rows."""
         rows = self.texts.lookup(plan.texts, encoder.encode_texts)
         groups = torch.stack([ensemble(torch.stack([rows[text] for text in group]))

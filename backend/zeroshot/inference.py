@@ -65,7 +65,7 @@ class _Job:
 _Entry = tuple[int, int, "_Job | None"]  # (priority, arrival, job); None stops the thread
 
 
-class InferenceWorker:
+class InferenceThread:
     """A single daemon thread that drains a queue of model work."""
 
     def __init__(self, max_batch: int, wait_s: float, name: str = "inference",

@@ -15,7 +15,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import BackendError, ModelUnavailable
 from .encoder import Encoder, ModelSpec, load_encoder
-from .inference import InferenceWorker
+from .inference import InferenceThread
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def max_batch(settings: Settings) -> int:
 class EncoderHost:
     """The encoder (given, or loaded in the background on the inference thread) and its state."""
 
-    def __init__(self, settings: Settings, inference: InferenceWorker,
+    def __init__(self, settings: Settings, inference: InferenceThread,
                  encoder: Encoder | None = None) -> None:
         self.settings = settings
         self.inference = inference

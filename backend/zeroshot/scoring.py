@@ -24,7 +24,7 @@ Probs = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
-class Head:
+class ZeroShotHead:
     """The zero-shot classifier of one control.
 
     weights: (G, D) float32, L2-normalised rows; `group_label[g]` is the label row g votes for.
@@ -41,7 +41,7 @@ class Head:
 
 
 def build_head(groups: torch.Tensor, group_label: tuple[int, ...], space: LabelSpace,
-               family: str, logit_scale: float, logit_bias: float | None) -> Head:
+               family: str, logit_scale: float, logit_bias: float | None) -> ZeroShotHead:
     """`groups`: (G, D) ensembled, normalised embeddings of the control's prompt groups."""
     owners = torch.tensor(group_label, dtype=torch.long)
     n_labels = len(space.labels)
@@ -49,11 +49,11 @@ def build_head(groups: torch.Tensor, group_label: tuple[int, ...], space: LabelS
         summed = torch.zeros(n_labels, groups.shape[1]).index_add_(0, owners, groups)
         groups, owners = _normalise(summed), torch.arange(n_labels)
     scoring: Scoring = space.scoring or ("sigmoid" if family == "siglip" else "softmax")
-    return Head(groups, owners, n_labels, space.pooling, scoring, logit_scale,
+    return ZeroShotHead(groups, owners, n_labels, space.pooling, scoring, logit_scale,
                 logit_bias if logit_bias is not None and scoring == "sigmoid" else 0.0)
 
 
-def label_logits(head: Head, images: torch.Tensor) -> torch.Tensor:
+def label_logits(head: ZeroShotHead, images: torch.Tensor) -> torch.Tensor:
     """(N, D) normalised image embeddings → (N, L) label logits."""
     logits = head.logit_scale * images @ head.weights.T + head.logit_bias
     if head.pooling == "mean":
@@ -64,7 +64,7 @@ def label_logits(head: Head, images: torch.Tensor) -> torch.Tensor:
     return best
 
 
-def probabilities(head: Head, images: torch.Tensor) -> Probs:
+def probabilities(head: ZeroShotHead, images: torch.Tensor) -> Probs:
     """(N, D) normalised image embeddings → (N, L) float64 probabilities in [0, 1]."""
     logits = label_logits(head, images.float()).double()
     if head.scoring == "softmax":
