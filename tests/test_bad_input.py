@@ -18,10 +18,10 @@ from PIL import Image
 from backend.config import load_settings
 from backend.web.app import create_app
 
+from .images.test_decode import zero_png
 from .support.backend_server import BackendThread
 from .support.http_server import LoopbackServer, Route
 from .support.webhooks import CONFIG, annotation_event, choice_result
-from .test_decode import zero_png
 
 ALLOWED = "127.0.0.3"  # the only address task URLs may reach in these tests
 

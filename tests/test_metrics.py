@@ -17,7 +17,7 @@ from .support.backend_server import BackendThread
 from .support.http_server import Route
 from .support.redis_server import free_port
 from .support.webhooks import annotation_event, choice_result
-from .test_server import CONFIG, jpeg
+from .web.test_app import CONFIG, jpeg
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

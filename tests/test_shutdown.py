@@ -21,7 +21,7 @@ from .support.http_server import LoopbackServer, Route
 from .support.redis_server import RedisServer, free_port
 from .support.waiting import eventually
 from .support.webhooks import annotation_event, choice_result
-from .test_server import CONFIG, jpeg
+from .web.test_app import CONFIG, jpeg
 
 IMAGES = 6
 IMAGE_DELAY_S = 2.0

@@ -13,7 +13,7 @@ from backend.review.selection import cold_start, k_center, likely_label_errors, 
 from backend.zeroshot.scoring import ZeroShotHead
 from backend.zeroshot.uncertainty import entropy, margin, measures, priority
 
-from .support.vectors import softmax, unit
+from ..support.vectors import softmax, unit
 
 LABELS, DIM = 8, 24
 

@@ -163,7 +163,7 @@ def decode_peak(data: bytes, tmp_path) -> tuple[str, int]:
     """Decode in a fresh process; the mode and the peak memory the decode added, in bytes."""
     path = tmp_path / "image.bin"
     path.write_bytes(data)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], env=env, check=True,
                          capture_output=True, text=True).stdout.split()

@@ -19,9 +19,9 @@ from backend.config import Settings
 from backend.store import embedding_key
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
-from .support.http_server import LoopbackServer, Route
-from .support.redis_server import free_port
+from ..support.backend_server import BackendThread
+from ..support.http_server import LoopbackServer, Route
+from ..support.redis_server import free_port
 
 COLOURS = ("red", "green", "blue")
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'

@@ -12,7 +12,7 @@ from backend.adapt.calibration import Platt
 from backend.adapt.fit import normalise_rows
 from backend.zeroshot.scoring import ZeroShotHead, label_logits, probabilities
 
-from .support.vectors import unit
+from ..support.vectors import unit
 
 LABELS, GROUPS, DIM = 5, 7, 16
 

@@ -13,7 +13,7 @@ from backend.adapt.registry import ServedHead, adapter_document, adapter_from_do
 from backend.labelstudio.label_config import parse_label_config
 from backend.zeroshot.scoring import ZeroShotHead
 
-from .support.vectors import unit
+from ..support.vectors import unit
 
 LABELS, DIM = 6, 32
 

@@ -5,7 +5,7 @@ import pytest
 from backend.errors import LabelConfigError
 from backend.labelstudio.label_config import MAX_LABELS, parse_label_config
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "label_config"
+EXAMPLES = Path(__file__).resolve().parents[2] / "label_config"
 
 
 def image_config(controls: str, image: str = '<Image name="image" value="$image"/>') -> str:

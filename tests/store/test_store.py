@@ -18,7 +18,7 @@ from backend.store import BULK_READ, embedding_key, ref_key
 from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
 
-from .support.webhooks import annotation_event, choice_result, deleted
+from ..support.webhooks import annotation_event, choice_result, deleted
 
 
 def make(kind: str, request: pytest.FixtureRequest, tmp_path) -> SqliteStore | RedisStore:

@@ -9,7 +9,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.labelstudio.label_config import parse_label_config
 from backend.predict.predictions import decide, empty_prediction, region_id, task_prediction
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "label_config"
+EXAMPLES = Path(__file__).resolve().parents[2] / "label_config"
 
 
 def outcome(config: str, probs, scoring="softmax", control=0):

@@ -17,7 +17,7 @@ from backend.errors import FetchError, ImageRefused
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.client import LabelStudioAccess
 
-from .support.http_server import LoopbackServer, Recorded, Route
+from ..support.http_server import LoopbackServer, Recorded, Route
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")

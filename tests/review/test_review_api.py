@@ -13,11 +13,11 @@ import pytest
 
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
-from .support.http_server import LoopbackServer, Route
-from .support.microclip import COLOURS, LABELS, SHAPES, ZERO_SHOT_TEMPLATES, held_out_images
-from .support.testbed_server import choices_config, png, serving_settings
-from .support.webhooks import annotation_event, choice_result
+from ..support.backend_server import BackendThread
+from ..support.http_server import LoopbackServer, Route
+from ..support.microclip import COLOURS, LABELS, SHAPES, ZERO_SHOT_TEMPLATES, held_out_images
+from ..support.testbed_server import choices_config, png, serving_settings
+from ..support.webhooks import annotation_event, choice_result
 
 pytestmark = pytest.mark.slow
 CONFIG = choices_config()

@@ -9,7 +9,7 @@ from backend.labelstudio.client import LabelStudioAccess
 from backend.labelstudio.version_sync import VersionSync
 from backend.netguard import AddressPolicy
 
-from .support.http_server import LoopbackServer, Route
+from ..support.http_server import LoopbackServer, Route
 
 
 def run(server: LoopbackServer, *calls: tuple[str, str]) -> None:

@@ -19,10 +19,10 @@ from backend.config import load_settings
 from backend.runtime import Backend
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
-from .support.http_server import LoopbackServer, Route
+from ..support.backend_server import BackendThread
+from ..support.http_server import LoopbackServer, Route
 
-RECORDED = Path(__file__).parent / "e2e" / "recorded"
+RECORDED = Path(__file__).parents[1] / "e2e" / "recorded"
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
           '<Choice value="red"/><Choice value="green"/><Choice value="blue"/></Choices></View>')
 

@@ -1,5 +1,5 @@
 """The review and selection writers (the rows themselves are tested over HTTP in
-test_review_api.py, on the micro CLIP)."""
+review/test_review_api.py, on the micro CLIP)."""
 
 from __future__ import annotations
 

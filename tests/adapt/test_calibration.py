@@ -14,7 +14,7 @@ from backend.adapt.calibration import (
     single_label_scores,
 )
 
-from .support.vectors import softmax
+from ..support.vectors import softmax
 
 
 def overconfident(n=2000, labels=5, true_t=2.5, seed=0):

@@ -14,10 +14,10 @@ import pytest
 
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
-from .support.redis_server import free_port
+from ..support.backend_server import BackendThread
+from ..support.redis_server import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from backend.corrections.records import build_correction
 from backend.errors import InvalidEvent
 from backend.store.entry import Entry
 
-from .support.webhooks import (
+from ..support.webhooks import (
     annotation_event,
     bulk_created,
     choice_result,

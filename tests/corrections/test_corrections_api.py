@@ -12,10 +12,10 @@ from PIL import Image
 from backend.runtime import Backend
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
-from .support.http_server import LoopbackServer, Route
-from .support.waiting import eventually
-from .support.webhooks import CONFIG, annotation_event, bulk_created, choice_result, deleted
+from ..support.backend_server import BackendThread
+from ..support.http_server import LoopbackServer, Route
+from ..support.waiting import eventually
+from ..support.webhooks import CONFIG, annotation_event, bulk_created, choice_result, deleted
 
 
 def png(colour) -> bytes:

@@ -15,7 +15,7 @@ from backend.corrections.entries import entries_from_webhook
 from backend.store.entry import Entry
 from backend.store.sqlite import SqliteStore
 
-from .support.webhooks import annotation_event, choice_result
+from ..support.webhooks import annotation_event, choice_result
 
 
 def broken(number: int) -> Entry:

@@ -36,10 +36,10 @@ from backend.store.redis import RedisStore
 from backend.store.sqlite import SqliteStore
 from backend.web.app import create_app
 
-from .support.backend_server import BackendThread
+from ..support.backend_server import BackendThread
 
-REPO = Path(__file__).resolve().parents[1]
-RECORDED = Path(__file__).parent / "e2e" / "recorded"
+REPO = Path(__file__).resolve().parents[2]
+RECORDED = Path(__file__).parents[1] / "e2e" / "recorded"
 CREATED = json.loads((RECORDED / "webhook_annotation_created.json").read_text())
 DELETED = json.loads((RECORDED / "webhook_annotations_deleted.json").read_text())
 CONFIG = ('<View><Image name="image" value="$image"/>'
