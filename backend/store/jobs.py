@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from . import Record, Store
+from .base import Record, Store
 
 FAILURES_SHOWN = 100
 

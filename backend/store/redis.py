@@ -20,7 +20,7 @@ import redis
 
 from .. import metrics
 from ..errors import StoreUnavailable
-from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .base import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 from .entry import Entry
 from .keys import Keys
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import StoreUnavailable
-from . import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .base import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
 from .entry import Entry
 
 SCHEMA = """
