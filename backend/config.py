@@ -69,7 +69,16 @@ class Settings(BaseSettings):
         5.0, ge=0,
         description="How long the encoder waits to fill a batch from concurrent requests.",
     )
-    DECODE_THREADS: int = Field(0, ge=0, description="Image decode threads; 0 = CPU count.")
+    DECODE_THREADS: int = Field(
+        0, ge=0, description="Image decode threads when DECODE_PROCESSES=0; 0 = CPU count."
+    )
+    DECODE_PROCESSES: int | None = Field(
+        None, ge=0,
+        description="Processes that fetch, hash, decode and resize images (the data plane), "
+        "handing uint8 pixels to the model through shared memory; unset = one per CPU; 0 = "
+        "none: fetch on the event loop and decode in DECODE_THREADS threads (also used when "
+        "the model's preprocessing cannot be split).",
+    )
     MAX_PROMPTS_PER_CONFIG: int = Field(
         100_000, gt=0,
         description="Most prompts one label config may expand to (labels x predicted_values x "

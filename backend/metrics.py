@@ -74,6 +74,19 @@ LABEL_STUDIO_CALL_SECONDS = Histogram(
     "Calls to Label Studio's API by pre-label jobs (task pages, prediction imports)", ["call"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+DECODE_PROCESSES = Gauge(
+    "backend_decode_processes", "Decode processes of the data plane that are alive"
+)
+DECODE_PROCESS_RESTARTS = Counter(
+    "backend_decode_process_restarts_total",
+    "Decode processes that died (killed, crashed in a decoder) and were restarted",
+)
+PLANE_CPU_SECONDS = Counter(
+    "backend_plane_cpu_seconds_total",
+    "CPU seconds the decode processes spent, by stage (fetch: downloading and the process's "
+    "event loop; hash; decode; preprocess: resize, crop and the copy into shared memory)",
+    ["stage"],
+)
 PRELABEL_TASKS = Counter(
     "backend_prelabel_tasks_total", "Tasks worked by pre-label jobs, by outcome (done, failed)",
     ["outcome"],

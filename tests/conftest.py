@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import Settings, load_settings
+from backend.images import plane as _plane
 
 from .support.http_server import LoopbackServer
 from .support.network_guard import install_loopback_only_guard
@@ -22,6 +23,8 @@ from .support.tiny_models import write_config
 # tests never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 install_loopback_only_guard()
+# ... and in the data plane's decode processes too (they are spawned: nothing is inherited)
+_plane.CHILD_SETUP.append(install_loopback_only_guard)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTBED_CACHE = Path(os.environ.get("TESTBED_CACHE", REPO / ".testbed-cache"))
@@ -39,6 +42,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # test image servers listen on 127.0.0.1, which the SSRF guard refuses unless allowed;
     # tests of the guard itself set their own allow-list
     monkeypatch.setenv("IMAGE_URL_ALLOWLIST", "127.0.0.1")
+    # the data plane is on, as by default, with one decode process whatever the machine
+    monkeypatch.setenv("DECODE_PROCESSES", "1")
 
 
 @pytest.fixture(autouse=True)

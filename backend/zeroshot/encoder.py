@@ -38,8 +38,13 @@ class Encoder(Protocol):
     logit_bias: float | None
     input_size: int
 
+    pixel_steps: tuple[tuple[Any, ...], ...] | None
+    """The PIL part of `preprocess` as plain data (images/steps.py) when `encode_pixels` can
+    finish it; None: only `preprocess` + `encode_images` work for this model."""
+
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
 
 
@@ -146,6 +151,11 @@ class OpenClipEncoder:
         self.logit_bias = float(bias.detach().reshape(-1)[0].item()) if bias is not None else None
         self.input_size = _input_size(model)
         self._head, self._tail = _split_preprocess(preprocess)
+        self._mean: torch.Tensor | None = None
+        self._std: torch.Tensor | None = None
+        if self._tail is not None:
+            self._mean, self._std = _normalize_constants(preprocess)
+        self.pixel_steps = _pixel_steps(self._head, self.input_size) if self._tail else None
         self.weights = weights  # after reading the scoring constants: in FP32, not rounded
         if weights is not None:
             self.model = self.model.to(weights)
@@ -165,6 +175,21 @@ class OpenClipEncoder:
             features = self.model.encode_image(
                 pixels.to(self.device, dtype=self.weights or pixels.dtype, non_blocking=True))
         return _normalise(features)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, S, S, 3) or (N, 3, S, S) uint8, after `pixel_steps` → (N, D) float32 on CPU,
+        L2-normalised. Normalised on the device, in the float32 order of `preprocess`
+        (x / 255, then (x - mean) / std): on CPU, the same embeddings bit for bit."""
+        if self._mean is None or self._std is None:
+            raise TypeError("this model's preprocessing does not split: use encode_images")
+        pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.shape[-1] != 3:  # NCHW → NHWC: channels last, as the constants broadcast
+            pixels = pixels.permute(0, 2, 3, 1)
+        mean = self._mean.to(self.device)
+        std = self._std.to(self.device)
+        values = (pixels.to(torch.float32) / 255.0 - mean) / std
+        return self.encode_images(values.permute(0, 3, 1, 2).contiguous())
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -221,6 +246,45 @@ def _split_preprocess(preprocess: Any) -> tuple[list[Any], Callable[[Any], torch
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     return steps[:-2], to_normalised_tensor
+
+
+def _normalize_constants(preprocess: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final Normalize's mean and std as float32 tensors of 3 (one per channel)."""
+    norm = preprocess.transforms[-1]
+    mean = np.broadcast_to(np.asarray(norm.mean, dtype=np.float32), (3,))
+    std = np.broadcast_to(np.asarray(norm.std, dtype=np.float32), (3,))
+    return torch.from_numpy(mean.copy()), torch.from_numpy(std.copy())
+
+
+def _pixel_steps(head: Sequence[Any], side: int) -> tuple[tuple[Any, ...], ...] | None:
+    """`head` (the PIL transforms before ToTensor) as images/steps.py data, if every step is
+    one it reproduces and the result is side × side RGB; else None."""
+    from torchvision import transforms as tv
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    steps: list[tuple[Any, ...]] = []
+    for step in head:
+        if isinstance(step, tv.Resize):
+            size = (step.size,) if isinstance(step.size, int) else tuple(step.size)
+            steps.append(("resize", size, pil_modes_mapping[step.interpolation],
+                          step.max_size))
+        elif isinstance(step, tv.CenterCrop):
+            steps.append(("center_crop", tuple(step.size)))
+        elif _converts_to_rgb(step):
+            steps.append(("convert", "RGB"))
+        else:
+            return None
+    final = [s for s in steps if s[0] == "center_crop" or s[0] == "resize" and len(s[1]) == 2]
+    if not final or tuple(final[-1][1]) != (side, side):
+        return None
+    return tuple(steps)
+
+
+def _converts_to_rgb(step: Any) -> bool:
+    """open_clip's `MaybeConvertMode("RGB")` or (older) `_convert_to_rgb`."""
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", None) == "RGB"
+    return getattr(step, "__name__", None) == "_convert_to_rgb"
 
 
 def _input_size(model: Any) -> int:

@@ -1,0 +1,345 @@
+"""The data plane: image references → (embedding key, uint8 pixels), in worker processes.
+
+`DecodePlane` keeps DECODE_PROCESSES decode processes (images/plane_process.py), started with
+`spawn`: never `fork` from a process that runs threads and torch. Each fetches, hashes, decodes
+and resizes with its own event loop and HTTP client, and writes uint8 pixels into its own
+shared-memory arena of fixed slots; the main process copies a slot out when the reply arrives
+(one memcpy) and frees it. So pixels never cross a pipe, and the main event loop does no
+per-image work but reading a small reply.
+
+- Back-pressure: a job holds a slot from dispatch to reply; jobs beyond the free slots wait in
+  the main process, requests' ahead of background work, which may hold at most
+  `BACKGROUND_SHARE` of the slots.
+- Supervision: replies and deaths are read with `loop.add_reader` on each pipe and process
+  sentinel (no threads). A process that dies fails only the jobs it held, with a reason, and
+  is restarted; `backend_decode_processes`, `backend_decode_process_restarts_total`.
+- Per-stage CPU seconds measured in the processes add up in `backend_plane_cpu_seconds_total`.
+- `close()`: processes stopped (killed if they do not stop), every arena closed and unlinked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import itertools
+import logging
+import math
+import multiprocessing
+import signal
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import errors, metrics
+from ..config import Settings
+from ..errors import BackendError, DecodeError
+from ..labelstudio.client import LabelStudioAccess
+from . import plane_process
+from .steps import Steps
+
+log = logging.getLogger(__name__)
+
+BACKGROUND_SHARE = 0.5
+"""Most of the slots background (pre-label) work may hold: requests always find some."""
+MIN_SLOTS = 2
+"""Jobs per process at least: one downloading while another decodes."""
+STOP_WAIT_S = 5.0
+"""How long `close` waits for a process to stop before killing it."""
+CHILD_SETUP: list[Callable[[], None]] = []
+"""Functions (importable by name) each decode process calls first; tests install their
+loopback-only network guard here."""
+
+Pixels = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image's embedding key (model + SHA-256 of its bytes) and its (S, S, 3) uint8 pixels."""
+
+    key: str
+    pixels: Pixels
+
+
+@dataclass
+class _Job:
+    id: int
+    message: tuple[Any, ...]
+    background: bool
+    future: asyncio.Future[Decoded]
+    slot: int = -1
+
+
+@dataclass
+class _Process:
+    """One decode process, its pipe, and its arena (which outlives restarts)."""
+
+    index: int
+    arena: shared_memory.SharedMemory
+    slots: int
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    free: list[int] = field(default_factory=list)
+    jobs: dict[int, _Job] = field(default_factory=dict)
+
+    def view(self, side: int) -> Pixels:
+        return np.ndarray((self.slots, side, side, 3), np.uint8, buffer=self.arena.buf)
+
+
+class DecodePlane:
+    """`await plane.decode(ref, task_id, ls)` → Decoded, or the same BackendError the in-process
+    path raises (ImageRefused, FetchError, DecodeError) for that image alone."""
+
+    def __init__(self, settings: Settings, *, model: str, steps: Steps, side: int,
+                 processes: int, nice: int = 0) -> None:
+        if processes < 1:
+            raise ValueError("a decode plane needs at least one process")
+        self.settings = settings
+        self.model = model
+        self.steps = steps
+        self.side = side
+        self.processes = processes
+        self.nice = nice
+        self.slots_per_process = max(MIN_SLOTS, math.ceil(settings.FETCH_CONCURRENCY
+                                                          / processes))
+        self.background_slots = max(1, int(processes * self.slots_per_process
+                                           * BACKGROUND_SHARE))
+        self._context = multiprocessing.get_context("spawn")
+        self._ids = itertools.count()
+        self._waiting: deque[_Job] = deque()
+        self._waiting_background: deque[_Job] = deque()
+        self._background_running = 0
+        self._workers: list[_Process] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.restarts = 0
+        self.closed = False
+
+    # --- public --------------------------------------------------------------------------------
+    async def decode(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None,
+                     background: bool = False) -> Decoded:
+        if self.closed:
+            raise BackendError("the decode plane is shut down")
+        self._start()
+        loop = asyncio.get_running_loop()
+        job_id = next(self._ids)
+        job = _Job(job_id, (job_id, -1, ref, task_id, ls.url if ls else None,
+                            ls.token if ls else None), background, loop.create_future())
+        (self._waiting_background if background else self._waiting).append(job)
+        self._dispatch()
+        return await job.future
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for w in self._workers if w.process is not None and w.process.is_alive())
+
+    def close(self) -> None:
+        """Stop the processes and free every shared-memory segment. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for worker in self._workers:
+            self._stop(worker)
+        for worker in self._workers:
+            self._fail(worker, BackendError("the decode plane shut down"))
+            worker.arena.close()
+            worker.arena.unlink()
+        for job in (*self._waiting, *self._waiting_background):
+            if not job.future.done():
+                job.future.set_exception(BackendError("the decode plane shut down"))
+        self._waiting.clear()
+        self._waiting_background.clear()
+        metrics.DECODE_PROCESSES.set(0)
+
+    # --- processes -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._workers:
+            return
+        self._loop = asyncio.get_running_loop()
+        size = self.slots_per_process * self.side * self.side * 3
+        for index in range(self.processes):
+            arena = shared_memory.SharedMemory(create=True, size=size)
+            self._workers.append(_Process(index, arena, self.slots_per_process))
+        for worker in self._workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: _Process) -> None:
+        config = plane_process.Config(self.settings, self.model, self.steps, self.side,
+                                      worker.slots, worker.arena.name, self.nice,
+                                      tuple(CHILD_SETUP))
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=plane_process.main, args=(config, theirs),
+                                        name=f"decode-{worker.index}", daemon=True)
+        process.start()
+        theirs.close()
+        worker.process, worker.conn = process, ours
+        worker.free = list(range(worker.slots))
+        assert self._loop is not None
+        self._loop.add_reader(ours.fileno(), self._receive, worker)
+        self._loop.add_reader(process.sentinel, self._died, worker)
+        metrics.DECODE_PROCESSES.set(self.alive)
+
+    def _stop(self, worker: _Process) -> None:
+        process, conn = worker.process, worker.conn
+        self._forget(worker)
+        if process is None or conn is None:
+            return
+        try:
+            conn.send(None)
+        except OSError:
+            pass
+        process.join(STOP_WAIT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        process.close()
+        conn.close()
+
+    def _forget(self, worker: _Process) -> None:
+        """Stop watching the worker's pipe and sentinel."""
+        if self._loop is not None and not self._loop.is_closed():
+            if worker.conn is not None and not worker.conn.closed:
+                self._loop.remove_reader(worker.conn.fileno())
+            if worker.process is not None:
+                self._loop.remove_reader(worker.process.sentinel)
+
+    def _died(self, worker: _Process) -> None:
+        process, conn = worker.process, worker.conn
+        assert process is not None and conn is not None
+        self._drain(worker)  # replies sent before it died still count
+        self._forget(worker)
+        process.join()
+        reason = _death(process.exitcode)
+        log.warning("decode process %s (pid %s) %s; %d image(s) in flight failed; restarting",
+                    worker.index, process.pid, reason, len(worker.jobs))
+        self._fail(worker, DecodeError(
+            f"the decode process working on this image {reason}. It was restarted and other "
+            "images are unaffected; if this image fails again, it crashes the decoder or "
+            "needs too much memory: check the file, lower MAX_DECODE_BYTES, or set "
+            "DECODE_PROCESSES=0 to decode in-process"))
+        process.close()
+        conn.close()
+        worker.process = worker.conn = None
+        metrics.DECODE_PROCESSES.set(self.alive)
+        if self.closed:
+            return
+        self.restarts += 1
+        metrics.DECODE_PROCESS_RESTARTS.inc()
+        self._spawn(worker)
+        self._dispatch()
+
+    def _fail(self, worker: _Process, error: BaseException) -> None:
+        for job in worker.jobs.values():
+            self._release(worker, job)
+            if not job.future.done():
+                job.future.set_exception(error)
+        worker.jobs.clear()
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self._waiting or self._waiting_background and self._background_fits():
+            worker = max(self._workers, key=lambda w: len(w.free) if w.conn else -1)
+            if not worker.free or worker.conn is None:
+                return
+            queue = self._waiting if self._waiting else self._waiting_background
+            job = queue.popleft()
+            if job.future.done():  # its request was cancelled
+                continue
+            self._send(worker, job)
+
+    def _background_fits(self) -> bool:
+        return self._background_running < self.background_slots
+
+    def _send(self, worker: _Process, job: _Job) -> None:
+        assert worker.conn is not None
+        job.slot = worker.free.pop()
+        worker.jobs[job.id] = job
+        self._background_running += job.background
+        try:
+            worker.conn.send((job.id, job.slot, *job.message[2:]))
+        except OSError:
+            pass  # it died: its sentinel fails the job
+
+    def _release(self, worker: _Process, job: _Job) -> None:
+        worker.free.append(job.slot)
+        self._background_running -= job.background
+
+    def _receive(self, worker: _Process) -> None:
+        if not self._drain(worker):
+            self._forget_pipe(worker)  # closed: the sentinel will say why
+        self._dispatch()
+
+    def _forget_pipe(self, worker: _Process) -> None:
+        if self._loop is not None and worker.conn is not None and not worker.conn.closed:
+            self._loop.remove_reader(worker.conn.fileno())
+
+    def _drain(self, worker: _Process) -> bool:
+        """Handle every reply waiting on the pipe; False once the pipe is closed."""
+        conn = worker.conn
+        try:
+            while conn is not None and not conn.closed and conn.poll():
+                self._reply(worker, conn.recv())
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _reply(self, worker: _Process, reply: tuple[Any, ...]) -> None:
+        if reply[0] == "ready":
+            return
+        _count_cpu(reply[-1])
+        job = worker.jobs.pop(reply[1], None)
+        if job is None:
+            return
+        if reply[0] == "ok":
+            pixels = np.array(worker.view(self.side)[job.slot])
+            result: Decoded | BaseException = Decoded(reply[2], pixels)
+        else:
+            result = _error(reply[2], reply[3])
+        self._release(worker, job)
+        if job.future.done():
+            return
+        if isinstance(result, Decoded):
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(result)
+
+
+def _count_cpu(cpu: dict[str, float]) -> None:
+    for stage, seconds in cpu.items():
+        metrics.PLANE_CPU_SECONDS.labels(stage).inc(seconds)
+
+
+def _error(name: str, message: str) -> BaseException:
+    """The exception the decode process raised, rebuilt: BackendError subclasses by name, so a
+    bad image fails its task with the same message as in-process."""
+    cls = getattr(errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RuntimeError(f"{name}: {message}")
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+def plane_processes(settings: Settings, cpus: int | None) -> int:
+    """DECODE_PROCESSES, with None meaning one per CPU."""
+    if settings.DECODE_PROCESSES is None:
+        return max(1, cpus or 1)
+    return settings.DECODE_PROCESSES
+
