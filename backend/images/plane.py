@@ -143,6 +143,9 @@ class DecodePlane:
         if self.closed:
             return
         self.closed = True
+        self._shut_down()
+
+    def _shut_down(self) -> None:
         for worker in self._workers:
             self._stop(worker)
         for worker in self._workers:
@@ -150,7 +153,7 @@ class DecodePlane:
             worker.arena.close()
             worker.arena.unlink()
         for job in (*self._waiting, *self._waiting_background):
-            if not job.future.done():
+            if not job.future.done() and not job.future.get_loop().is_closed():
                 job.future.set_exception(BackendError("the decode plane shut down"))
         self._waiting.clear()
         self._waiting_background.clear()
@@ -158,9 +161,13 @@ class DecodePlane:
 
     # --- processes -----------------------------------------------------------------------------
     def _start(self) -> None:
-        if self._workers:
+        loop = asyncio.get_running_loop()
+        if self._workers and self._loop is loop:
             return
-        self._loop = asyncio.get_running_loop()
+        if self._workers:  # first used from another event loop, now gone: start afresh
+            self._shut_down()
+            self._workers = []
+        self._loop = loop
         size = self.slots_per_process * self.side * self.side * 3
         for index in range(self.processes):
             arena = shared_memory.SharedMemory(create=True, size=size)
@@ -236,7 +243,7 @@ class DecodePlane:
     def _fail(self, worker: _Process, error: BaseException) -> None:
         for job in worker.jobs.values():
             self._release(worker, job)
-            if not job.future.done():
+            if not job.future.done() and not job.future.get_loop().is_closed():
                 job.future.set_exception(error)
         worker.jobs.clear()
 
@@ -292,6 +299,8 @@ class DecodePlane:
         if reply[0] == "ready":
             return
         _count_cpu(reply[-1])
+        if reply[-2]:
+            metrics.IMAGES_FETCHED.inc()
         job = worker.jobs.pop(reply[1], None)
         if job is None:
             return

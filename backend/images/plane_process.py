@@ -6,8 +6,11 @@ Label Studio token rules as the main process), and for each job: fetch → SHA-2
 shared-memory arena the main process created. Replies are small tuples on the pipe:
 
     ("ready",)
-    ("ok", job, key, (height, width), cpu)          cpu: {stage: CPU seconds}
-    ("error", job, error class name, message, cpu)
+    ("ok", job, key, (height, width), downloaded, cpu)     cpu: {stage: CPU seconds}
+    ("error", job, error class name, message, downloaded, cpu)
+
+`downloaded`: the bytes came over the network or from local files (not a data: URI), for
+the main process's `backend_images_fetched_total` (this process's metrics are its own).
 
 Imports stay light (Pillow, NumPy, httpx): no torch, no model, so a process starts quickly.
 """
@@ -84,8 +87,8 @@ class Worker:
         self.config = config
         self.settings = config.settings
         self.conn = conn
-        self.pixels: npt.NDArray[np.uint8] = np.ndarray((config.slots, config.side, config.side, 3), np.uint8,
-                                 buffer=arena.buf)
+        shape = (config.slots, config.side, config.side, 3)
+        self.pixels: npt.NDArray[np.uint8] = np.ndarray(shape, np.uint8, buffer=arena.buf)
         self.accesses: LRU[tuple[str, str | None], LabelStudioAccess] = LRU(
             LABEL_STUDIO_ACCESSES)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -121,23 +124,25 @@ class Worker:
     async def _run(self, job: Job) -> None:
         job_id, slot, ref, task_id, ls_url, ls_token = job
         cpu: dict[str, float] = {}
+        fetched = None
         try:
             fetched = await self.fetcher.fetch(ref, task_id=task_id,
                                                ls=self._access(ls_url, ls_token))
-            key = _timed(cpu, "hash", embedding_key, self.config.model, fetched.data)
-            image = _timed(cpu, "decode", decode_image, fetched.data,
+            data, content_type = fetched.data, fetched.content_type
+            key = _timed(cpu, "hash", embedding_key, self.config.model, data)
+            image = _timed(cpu, "decode", decode_image, data,
                            max_pixels=self.settings.MAX_IMAGE_PIXELS,
-                           draft_size=self.config.side, content_type=fetched.content_type,
+                           draft_size=self.config.side, content_type=content_type,
                            max_bytes=self.settings.MAX_DECODE_BYTES,
                            formats=self.settings.image_formats)
-            del fetched
             shape = _timed(cpu, "preprocess", self._write, slot, image)
             reply: tuple[Any, ...] = ("ok", job_id, key, shape)
         except BackendError as exc:
             reply = ("error", job_id, type(exc).__name__, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in one image's path fails that image
             reply = ("error", job_id, type(exc).__name__, f"{exc} (in a decode process)")
-        self._send((*reply, self._fetch_cpu(cpu)))
+        downloaded = fetched is not None and not ref.lstrip().startswith("data:")
+        self._send((*reply, downloaded, self._fetch_cpu(cpu)))
 
     def _write(self, slot: int, image: Any) -> tuple[int, int]:
         image = apply_steps(image, self.config.steps)

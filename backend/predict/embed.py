@@ -20,12 +20,13 @@ from ..corrections.journal import Journal
 from ..errors import BackendError, ImageRefused, StoreUnavailable, TaskError
 from ..images.decode import decode_image
 from ..images.fetch import Fetched, ImageFetcher
+from ..images.plane import DecodePlane, plane_processes
 from ..labelstudio.client import LabelStudioAccess, ProjectId
 from ..labelstudio.label_config import LabelSpace
 from ..store import Store, Vector, embedding_key
 from ..store.entry import Entry
 from ..zeroshot.encoder import Encoder
-from ..zeroshot.inference import BACKGROUND, FOREGROUND, lower_priority
+from ..zeroshot.inference import BACKGROUND, BACKGROUND_NICE, FOREGROUND, lower_priority
 from ..zeroshot.loader import EncoderHost
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,15 @@ class Embedder:
         self._decoded_background = asyncio.Semaphore(2 * batch)
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
         self._lazy_waiting = 0
+        self._plane: DecodePlane | None = None
 
     @property
     def model(self) -> str:
         return self.host.embedding_model
 
     def close(self) -> None:
+        if self._plane is not None:
+            self._plane.close()
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
     async def embed_tasks(self, tasks: Sequence[Task], spaces: Sequence[LabelSpace],
@@ -107,6 +111,9 @@ class Embedder:
         """Fetch the image; reuse its cached embedding (same bytes, same model) or encode it
         (`BACKGROUND` work waits behind Label Studio's requests for decode slots and encoder)."""
         encoder = self.host.loaded()
+        plane = self.plane(encoder)
+        if plane is not None:
+            return await self._embed_in_plane(plane, encoder, ref, task_id, ls, priority)
         fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
         key = embedding_key(self.model, fetched.data)
         cached = await self.cached(self._stored_embedding, key, ref)
@@ -121,6 +128,37 @@ class Embedder:
         metrics.IMAGES_ENCODED.inc()
         await self.cached(self.store.put_embedding, key, row.numpy(), ref)
         return Embedded(row, key)
+
+    # --- the data plane (DECODE_PROCESSES) -------------------------------------------------------
+    def plane(self, encoder: Encoder) -> DecodePlane | None:
+        """The decode processes, started on first use; None when DECODE_PROCESSES=0 or the
+        model's preprocessing does not split into PIL steps and a tensor tail."""
+        steps = getattr(encoder, "pixel_steps", None)
+        if self.settings.DECODE_PROCESSES == 0 or steps is None:
+            return None
+        if self._plane is None:
+            self._plane = DecodePlane(
+                self.settings, model=self.model, steps=steps, side=encoder.input_size,
+                processes=plane_processes(self.settings, os.cpu_count()), nice=BACKGROUND_NICE)
+        return self._plane
+
+    async def _embed_in_plane(self, plane: DecodePlane, encoder: Encoder, ref: str,
+                              task_id: int | None, ls: LabelStudioAccess | None,
+                              priority: int) -> Embedded:
+        """`embed` with fetch, hash, decode and resize in the decode processes; uint8 pixels
+        normalised and encoded on the inference thread, batched across requests."""
+        async with self._decoded_background if priority == BACKGROUND else self._decoded:
+            decoded = await plane.decode(ref, task_id, ls, background=priority == BACKGROUND)
+            cached = await self.cached(self._stored_embedding, decoded.key, ref)
+            if cached is not None:
+                metrics.EMBEDDING_CACHE.labels("hit").inc()
+                return Embedded(torch.from_numpy(cached), decoded.key)
+            metrics.EMBEDDING_CACHE.labels("miss").inc()
+            row = await self.host.inference.encode(encoder.encode_pixels,
+                                                   torch.from_numpy(decoded.pixels), priority)
+        metrics.IMAGES_ENCODED.inc()
+        await self.cached(self.store.put_embedding, decoded.key, row.numpy(), ref)
+        return Embedded(row, decoded.key)
 
     def _stored_embedding(self, key: str, ref: str) -> Vector | None:
         """The stored embedding of these bytes; if found, `ref` was just seen to hold them."""

@@ -256,3 +256,35 @@ def test_fast_preprocessing_gives_open_clips_exact_tensors():
         for step in head:
             staged = step(staged)
         assert torch.equal(tail(staged), preprocess(image)), (size, mode)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_uint8_pixels_encode_bit_identically_to_the_float_path_on_cpu(tiny_configs, family):
+    """The data plane's route (PIL steps in a decode process, uint8 normalised on the device)
+    gives the very embeddings of `preprocess` + `encode_images`, whichever layout."""
+    from backend.images.steps import apply_steps
+
+    encoder = load_encoder(load_settings(MODEL_CONFIG=tiny_configs[family],
+                                         MODEL_PRETRAINED="none"))
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for h, w in ((48, 56), (100, 30), (32, 32), (31, 70), (500, 333))]
+    assert encoder.pixel_steps is not None
+    uint8 = torch.stack([torch.from_numpy(np.array(apply_steps(image, encoder.pixel_steps)))
+                         for image in images])
+    floats = torch.stack([encoder.preprocess(image) for image in images])
+    assert uint8.dtype == torch.uint8 and uint8.shape[1:] == (encoder.input_size,) * 2 + (3,)
+    expected = encoder.encode_images(floats)
+    assert torch.equal(encoder.encode_pixels(uint8), expected)
+    assert torch.equal(encoder.encode_pixels(uint8.permute(0, 3, 1, 2)), expected)
+
+
+def test_a_preprocess_with_steps_the_plane_cannot_reproduce_has_no_pixel_steps(tiny_configs):
+    from torchvision import transforms as tv
+
+    encoder = load_encoder(load_settings(MODEL_CONFIG=tiny_configs["clip"],
+                                         MODEL_PRETRAINED="none"))
+    odd = tv.Compose([tv.Resize(32), tv.RandomHorizontalFlip(), tv.CenterCrop(32),
+                      tv.ToTensor(), tv.Normalize((0.5,) * 3, (0.5,) * 3)])
+    other = OpenClipEncoder(encoder.model, odd, encoder.tokenizer, encoder.device, None)
+    assert other.pixel_steps is None  # the in-process path serves it, as before
