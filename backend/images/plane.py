@@ -50,6 +50,8 @@ BACKGROUND_SHARE = 0.5
 """Most of the slots background (pre-label) work may hold: requests always find some."""
 MIN_SLOTS = 2
 """Jobs per process at least: one downloading while another decodes."""
+RESTART_BACKOFF_S = (0.5, 30.0)
+"""Delay before restarting a process that died before it was ready: first, most."""
 STOP_WAIT_S = 5.0
 """How long `close` waits for a process to stop before killing it."""
 CHILD_SETUP: list[Callable[[], None]] = []
@@ -87,6 +89,9 @@ class _Process:
     conn: Connection | None = None
     free: list[int] = field(default_factory=list)
     jobs: dict[int, _Job] = field(default_factory=dict)
+    ready: bool = False
+    failed_starts: int = 0
+    """Deaths in a row before the process said it was ready: restarts back off."""
 
     def view(self, side: int) -> Pixels:
         return np.ndarray((self.slots, side, side, 3), np.uint8, buffer=self.arena.buf)
@@ -152,11 +157,7 @@ class DecodePlane:
             self._fail(worker, BackendError("the decode plane shut down"))
             worker.arena.close()
             worker.arena.unlink()
-        for job in (*self._waiting, *self._waiting_background):
-            if not job.future.done() and not job.future.get_loop().is_closed():
-                job.future.set_exception(BackendError("the decode plane shut down"))
-        self._waiting.clear()
-        self._waiting_background.clear()
+        self._fail_waiting(BackendError("the decode plane shut down"))
         metrics.DECODE_PROCESSES.set(0)
 
     # --- processes -----------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class DecodePlane:
                                         name=f"decode-{worker.index}", daemon=True)
         process.start()
         theirs.close()
-        worker.process, worker.conn = process, ours
+        worker.process, worker.conn, worker.ready = process, ours, False
         worker.free = list(range(worker.slots))
         assert self._loop is not None
         self._loop.add_reader(ours.fileno(), self._receive, worker)
@@ -222,23 +223,51 @@ class DecodePlane:
         self._forget(worker)
         process.join()
         reason = _death(process.exitcode)
-        log.warning("decode process %s (pid %s) %s; %d image(s) in flight failed; restarting",
-                    worker.index, process.pid, reason, len(worker.jobs))
-        self._fail(worker, DecodeError(
-            f"the decode process working on this image {reason}. It was restarted and other "
-            "images are unaffected; if this image fails again, it crashes the decoder or "
-            "needs too much memory: check the file, lower MAX_DECODE_BYTES, or set "
-            "DECODE_PROCESSES=0 to decode in-process"))
+        log.warning("decode process %s (pid %s) %s%s; %d image(s) in flight failed",
+                    worker.index, process.pid, reason, "" if worker.ready else " before it was "
+                    "ready", len(worker.jobs))
         process.close()
         conn.close()
         worker.process = worker.conn = None
         metrics.DECODE_PROCESSES.set(self.alive)
+        if worker.ready:
+            self._fail(worker, DecodeError(
+                f"the decode process working on this image {reason}. It was restarted and "
+                "other images are unaffected; if this image fails again, it crashes the "
+                "decoder or needs too much memory: check the file, lower MAX_DECODE_BYTES, or "
+                "set DECODE_PROCESSES=0 to decode in-process"))
+        else:
+            self._start_failed(worker, reason)
         if self.closed:
             return
         self.restarts += 1
         metrics.DECODE_PROCESS_RESTARTS.inc()
-        self._spawn(worker)
-        self._dispatch()
+        first, most = RESTART_BACKOFF_S
+        delay = min(most, first * 2 ** (worker.failed_starts - 1)) if worker.failed_starts else 0
+        assert self._loop is not None
+        self._loop.call_later(delay, self._respawn, worker)
+
+    def _start_failed(self, worker: _Process, reason: str) -> None:
+        """A process died before it was ready: its jobs fail, and while no process is ready,
+        the waiting ones too (rather than wait for a restart that may never work)."""
+        worker.failed_starts += 1
+        error = DecodeError(f"the decode processes cannot start (one {reason}; its error is in "
+                            "the log). Set DECODE_PROCESSES=0 to decode in-process meanwhile")
+        self._fail(worker, error)
+        if not any(w.ready for w in self._workers):
+            self._fail_waiting(error)
+
+    def _respawn(self, worker: _Process) -> None:
+        if not self.closed and worker.process is None:
+            self._spawn(worker)
+            self._dispatch()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        for job in (*self._waiting, *self._waiting_background):
+            if not job.future.done() and not job.future.get_loop().is_closed():
+                job.future.set_exception(error)
+        self._waiting.clear()
+        self._waiting_background.clear()
 
     def _fail(self, worker: _Process, error: BaseException) -> None:
         for job in worker.jobs.values():
@@ -297,6 +326,7 @@ class DecodePlane:
 
     def _reply(self, worker: _Process, reply: tuple[Any, ...]) -> None:
         if reply[0] == "ready":
+            worker.ready, worker.failed_starts = True, 0
             return
         _count_cpu(reply[-1])
         if reply[-2]:

@@ -243,3 +243,22 @@ def test_shutdown_leaves_no_shared_memory_and_no_resource_tracker_warning(tmp_pa
 
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def broken_start() -> None:
+    raise RuntimeError("this decode process is broken on purpose")
+
+
+def test_processes_that_cannot_start_fail_the_images_with_a_reason(monkeypatch, loopback):
+    from backend.images import plane
+
+    monkeypatch.setattr(plane, "CHILD_SETUP", [*plane.CHILD_SETUP, broken_start])
+    url = loopback.add("/a.jpg", Route(jpeg()))
+
+    async def body(plane: DecodePlane) -> Any:
+        return await outcome(plane.decode(url, 1, None))
+
+    failed = run_plane(load_settings(), body)
+    assert isinstance(failed, DecodeError), failed
+    assert "cannot start (one exited with status 1" in str(failed)
+    assert "DECODE_PROCESSES=0" in str(failed)

@@ -18,7 +18,7 @@ from backend.predict.embed import Embedded
 from backend.runtime import Backend
 from backend.zeroshot.encoder import load_encoder
 
-from ..support.http_server import LoopbackServer, Route
+from ..support.http_server import Route
 
 CLASSES = ["red", "green", "blue", "black", "white"]
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
