@@ -4,6 +4,7 @@ store. Counted on the real store through the real app; images from a real HTTP s
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 from collections import Counter
@@ -17,7 +18,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from backend.config import Settings
-from backend.predict.embed import DECODED_PER_BATCH
+from backend.predict.embed import DECODED_PER_BATCH, Slots
 from backend.web.app import create_app
 
 from ..support.backend_server import BackendThread
@@ -150,3 +151,24 @@ def test_stored_bytes_that_no_longer_decode_are_still_scored_and_a_new_one_fails
     after = lookups()
     assert scored["result"] and "result" not in failed and "DecodeError" in failed["error"]
     assert {result: after[result] - before[result] for result in after} == {"hit": 1, "miss": 1}
+
+
+def test_groups_take_their_slots_in_turn_so_none_waits_on_another():
+    """Three groups that each finish only once they hold all their slots, 7 slots wanted of 3:
+    taken one by one they would each hold one and wait for ever; in turn, all finish."""
+    slots, order = Slots(3), []
+
+    async def group(name: str, size: int) -> None:
+        held = slots.group()
+        async with held.taking:
+            for _ in range(size):
+                await held.take()
+                order.append(name)
+                await asyncio.sleep(0)  # let the other groups try to take
+        held.release_all()
+
+    async def all_groups() -> None:
+        await asyncio.wait_for(asyncio.gather(group("a", 2), group("b", 2), group("c", 3)), 30)
+
+    asyncio.run(all_groups())
+    assert order == ["a", "a", "b", "b", "c", "c", "c"]
