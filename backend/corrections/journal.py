@@ -2,9 +2,11 @@
 that a background thread replays, in order, once the store is back.
 
 `write()` returns only when its entries are either applied or appended to the spool and
-fsynced, so an acknowledged webhook is never lost. While anything is spooled, new entries
-are spooled too, which keeps the order. Replays are safe to repeat: every entry carries an
-idempotency key, so an entry applied just before a crash is not applied twice.
+fsynced, so an acknowledged webhook is never lost. Consecutive `prediction` entries (what one
+/predict proposed) are applied in one store transaction, every other entry in its own. While
+anything is spooled, new entries are spooled too, which keeps the order. Replays are safe to
+repeat: every entry carries an idempotency key, so an entry applied just before a crash is not
+applied twice.
 
 A spooled line the store can never apply (a malformed entry) is set aside as a dead letter
 (store/dead_letters.py) with its reason, so it blocks no later entry; a store that is down or
@@ -33,7 +35,7 @@ from ..errors import StoreUnavailable
 from ..store import Store
 from ..store.entry import Entry
 from .dead_letters import DeadLetters
-from .records import apply
+from .records import apply, apply_predictions, runs
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0
@@ -90,16 +92,43 @@ class Journal:
 
     def _apply(self, entries: Sequence[Entry]) -> int:
         """Apply entries until the store is unavailable; how many were dealt with."""
-        for done, entry in enumerate(entries):
-            try:
-                apply(self.store, entry)
-            except StoreUnavailable as exc:
-                log.warning("store unavailable, spooling %d entries: %s",
-                            len(entries) - done, exc)
-                return done
-            except Exception as exc:  # noqa: BLE001 - permanent: set aside, never lost
-                self._dead_letter(entry.to_json().encode(), exc)
+        done = 0
+        try:
+            for run in runs(entries):
+                if self._applied_together(run):
+                    done += len(run)
+                    continue
+                for entry in run:
+                    self._apply_one(entry)
+                    done += 1
+        except StoreUnavailable as exc:
+            log.warning("store unavailable, spooling %d entries: %s", len(entries) - done, exc)
+            return done
         return len(entries)
+
+    def _applied_together(self, run: Sequence[Entry]) -> bool:
+        """Apply a run of predictions in one transaction; False: apply its entries one by one
+        (a single entry, or one of them can never be applied: only that one is set aside)."""
+        if len(run) < 2:
+            return False
+        try:
+            apply_predictions(self.store, run)
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - which entry is at fault is found one by one
+            log.debug("a batch of %d predictions failed; applying them one by one", len(run),
+                      exc_info=True)
+            return False
+        return True
+
+    def _apply_one(self, entry: Entry) -> None:
+        """Apply an entry, or set it aside for good; StoreUnavailable: it was not applied."""
+        try:
+            apply(self.store, entry)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - permanent: set aside, never lost
+            self._dead_letter(entry.to_json().encode(), exc)
 
     def _spool(self, entries: Sequence[Entry]) -> None:
         with self.path.open("a", encoding="utf-8") as spool:

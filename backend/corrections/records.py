@@ -6,13 +6,15 @@ per control, `final` labels, `predicted` labels (if any) and a status —
 cleared a predicted control) or `skipped` (the annotation was cancelled).
 
 `apply(store, entry)` is the one way an entry reaches the store (the journal, its spool replay
-and the dead-letter replay): the store makes each write atomic and idempotent, this module
-decides what the record holds.
+and the dead-letter replay), and `apply_predictions(store, entries)` the same for a run of
+`prediction` entries in one store transaction (the journal, for what one /predict proposed):
+the store makes each write atomic and idempotent, this module decides what the record holds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +32,25 @@ def apply(store: Store, entry: Entry) -> bool:
         return store.commit_deletion(entry, entry.data["annotations"])
     record = build_correction(entry, store.prediction(entry.project, entry.data["task"]))
     return store.commit_annotation(entry, record, timestamp(entry.data["updated_at"]))
+
+
+def apply_predictions(store: Store, entries: Sequence[Entry]) -> list[bool]:
+    """Apply `prediction` entries, in order, in one store transaction."""
+    assert all(entry.kind == "prediction" for entry in entries)
+    return store.put_predictions(entries)
+
+
+def runs(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
+    """`entries` in order, cut into runs: consecutive `prediction` entries together (one store
+    transaction for them all), any other entry alone (its own atomic commit)."""
+    start = 0
+    while start < len(entries):
+        end = start + 1
+        if entries[start].kind == "prediction":
+            while end < len(entries) and entries[end].kind == "prediction":
+                end += 1
+        yield entries[start:end]
+        start = end
 
 
 def build_correction(entry: Entry, prediction: dict[str, Any] | None) -> dict[str, Any]:

@@ -63,10 +63,11 @@ Pixels = npt.NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class Decoded:
-    """An image's embedding key (model + SHA-256 of its bytes) and its (S, S, 3) uint8 pixels."""
+    """An image's embedding key (model + SHA-256 of its bytes) and its (S, S, 3) uint8 pixels,
+    or why the fetched bytes could not be decoded."""
 
     key: str
-    pixels: Pixels
+    pixels: Pixels | BaseException
 
 
 @dataclass
@@ -98,8 +99,9 @@ class _Process:
 
 
 class DecodePlane:
-    """`await plane.decode(ref, task_id, ls)` → Decoded, or the same BackendError the in-process
-    path raises (ImageRefused, FetchError, DecodeError) for that image alone."""
+    """`await plane.decode(ref, task_id, ls)` → Decoded; the error the in-process path would
+    give, for that image alone: raised if the bytes could not be fetched (ImageRefused,
+    FetchError), in `Decoded.pixels` if they could not be decoded (DecodeError)."""
 
     def __init__(self, settings: Settings, *, model: str, steps: Steps, side: int,
                  processes: int, nice: int = 0) -> None:
@@ -337,6 +339,8 @@ class DecodePlane:
         if reply[0] == "ok":
             pixels = np.array(worker.view(self.side)[job.slot])
             result: Decoded | BaseException = Decoded(reply[2], pixels)
+        elif reply[4] is not None:
+            result = Decoded(reply[4], _error(reply[2], reply[3]))
         else:
             result = _error(reply[2], reply[3])
         self._release(worker, job)

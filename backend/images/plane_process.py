@@ -7,8 +7,10 @@ shared-memory arena the main process created. Replies are small tuples on the pi
 
     ("ready",)
     ("ok", job, key, (height, width), downloaded, cpu)     cpu: {stage: CPU seconds}
-    ("error", job, error class name, message, downloaded, cpu)
+    ("error", job, error class name, message, key or None, downloaded, cpu)
 
+`key` in an error: the bytes were fetched and hashed, and could not be decoded (the main
+process may still find their embedding stored).
 `downloaded`: the bytes came over the network or from local files (not a data: URI), for
 the main process's `backend_images_fetched_total` (this process's metrics are its own).
 
@@ -124,7 +126,7 @@ class Worker:
     async def _run(self, job: Job) -> None:
         job_id, slot, ref, task_id, ls_url, ls_token = job
         cpu: dict[str, float] = {}
-        fetched = None
+        fetched, key = None, None
         try:
             fetched = await self.fetcher.fetch(ref, task_id=task_id,
                                                ls=self._access(ls_url, ls_token))
@@ -138,9 +140,9 @@ class Worker:
             shape = _timed(cpu, "preprocess", self._write, slot, image)
             reply: tuple[Any, ...] = ("ok", job_id, key, shape)
         except BackendError as exc:
-            reply = ("error", job_id, type(exc).__name__, str(exc))
+            reply = ("error", job_id, type(exc).__name__, str(exc), key)
         except Exception as exc:  # noqa: BLE001 - a bug in one image's path fails that image
-            reply = ("error", job_id, type(exc).__name__, f"{exc} (in a decode process)")
+            reply = ("error", job_id, type(exc).__name__, f"{exc} (in a decode process)", key)
         downloaded = fetched is not None and not ref.lstrip().startswith("data:")
         self._send((*reply, downloaded, self._fetch_cpu(cpu)))
 

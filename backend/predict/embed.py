@@ -1,5 +1,19 @@
 """The embed phase: image references → fetched bytes → pixels → embeddings (batched on the
-inference thread), reusing the store's embedding cache."""
+inference thread), reusing the store's embedding cache.
+
+Per request, in phases, so the store is read and written a fixed number of times whatever the
+number of images (once per group of up to `DECODED_PER_BATCH` encoder batches):
+
+1. by reference: embeddings of images whose reference was checked within IMAGE_REF_TTL_S
+   (`known_embeddings`: no download at all);
+2. fetch, hash, decode and preprocess every other reference (`_decode_all`): in the data
+   plane's decode processes (uint8 pixels through shared memory, images/plane.py) unless
+   DECODE_PROCESSES=0 or the model's preprocessing does not split; else fetched on the event
+   loop and decoded in DECODE_THREADS threads;
+3. one read of the stored embeddings of those images' keys (same bytes, same model);
+4. encode the misses (the inference thread batches them, across requests too);
+5. one write: the new embeddings, and the references seen to hold each image.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +37,7 @@ from ..images.fetch import Fetched, ImageFetcher
 from ..images.plane import DecodePlane, plane_processes
 from ..labelstudio.client import LabelStudioAccess, ProjectId
 from ..labelstudio.label_config import LabelSpace
-from ..store import Store, Vector, embedding_key
+from ..store import EmbeddingItem, Store, Vector, embedding_key
 from ..store.entry import Entry
 from ..zeroshot.encoder import Encoder
 from ..zeroshot.inference import BACKGROUND, BACKGROUND_NICE, FOREGROUND, lower_priority
@@ -41,6 +55,8 @@ LAZY_EMBEDDINGS_IN_FLIGHT = 4
 Task = dict[str, Any]
 Embeddings = dict[str, "Embedded | BaseException"]
 """Image reference → its embedding, or why there is none."""
+Refs = Mapping[str, "int | None"]
+"""Image reference → the id of the (first) task using it."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,52 @@ class Embedded:
 
     vector: torch.Tensor
     key: str
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A fetched image: its embedding key (model + SHA-256 of the bytes) and its preprocessed
+    pixels, or why it could not be decoded (the task fails only if no embedding is stored for
+    these bytes)."""
+
+    key: str
+    pixels: torch.Tensor | BaseException
+
+
+class Slots:
+    """Room for decoded images waiting for the encoder, so memory stays bounded. A group of
+    images takes its slots one by one (each image starts as soon as it has one), and groups
+    take in turn: two groups never each hold part of what the other waits for."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free = asyncio.Semaphore(capacity)
+        self._taking = asyncio.Lock()
+
+    def group(self) -> SlotGroup:
+        return SlotGroup(self._free, self._taking)
+
+
+class SlotGroup:
+    """The slots one group holds; `release_all` when the group is done (or cancelled)."""
+
+    def __init__(self, free: asyncio.Semaphore, taking: asyncio.Lock) -> None:
+        self._free = free
+        self.taking = taking
+        self.held = 0
+
+    async def take(self) -> None:
+        """One more slot; call only while holding `taking`."""
+        await self._free.acquire()
+        self.held += 1
+
+    def release(self, count: int = 1) -> None:
+        for _ in range(min(count, self.held)):
+            self.held -= 1
+            self._free.release()
+
+    def release_all(self) -> None:
+        self.release(self.held)
 
 
 class Embedder:
@@ -65,10 +127,9 @@ class Embedder:
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",
                                               initializer=lower_priority)
         batch = host.inference.max_batch
-        # decoded images waiting for the encoder: bounded, so memory is too
-        self._decoded = asyncio.Semaphore(DECODED_PER_BATCH * batch)
+        self._decoded = Slots(DECODED_PER_BATCH * batch)
         # background jobs get their own, smaller share: they never hold what a request needs
-        self._decoded_background = asyncio.Semaphore(2 * batch)
+        self._decoded_background = Slots(2 * batch)
         self._lazy = asyncio.Semaphore(LAZY_EMBEDDINGS_IN_FLIGHT)
         self._lazy_waiting = 0
         self._plane: DecodePlane | None = None
@@ -82,54 +143,6 @@ class Embedder:
             self._plane.close()
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
-    async def embed_tasks(self, tasks: Sequence[Task], spaces: Sequence[LabelSpace],
-                          ls: LabelStudioAccess | None,
-                          priority: int = FOREGROUND) -> Embeddings:
-        """Embedding (or the error) of every distinct image reference the tasks use."""
-        refs = distinct_refs(tasks, spaces)
-        known = await self.known_embeddings(list(refs))
-        jobs = {ref: asyncio.ensure_future(self.embed(ref, task_id, ls, priority))
-                for ref, task_id in refs.items() if ref not in known}
-        done = await asyncio.gather(*jobs.values(), return_exceptions=True)
-        return {**known, **dict(zip(jobs, done))}
-
-    async def known_embeddings(self, refs: list[str]) -> dict[str, Embedded]:
-        """Embeddings of the images whose reference was checked within IMAGE_REF_TTL_S: they
-        need no download. One store round trip for the lot; data: URIs are hashed instead."""
-        ttl = self.settings.IMAGE_REF_TTL_S
-        refs = [ref for ref in refs if not ref.lstrip().startswith("data:")]
-        if not ttl or not refs:
-            return {}
-        found = await self.cached(self.store.embeddings_for_refs, self.model, refs,
-                                  time.time() - ttl) or {}
-        metrics.EMBEDDING_CACHE.labels("hit").inc(len(found))
-        return {ref: Embedded(torch.from_numpy(vector), key)
-                for ref, (key, vector) in found.items()}
-
-    async def embed(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None,
-                    priority: int = FOREGROUND) -> Embedded:
-        """Fetch the image; reuse its cached embedding (same bytes, same model) or encode it
-        (`BACKGROUND` work waits behind Label Studio's requests for decode slots and encoder)."""
-        encoder = self.host.loaded()
-        plane = self.plane(encoder)
-        if plane is not None:
-            return await self._embed_in_plane(plane, encoder, ref, task_id, ls, priority)
-        fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
-        key = embedding_key(self.model, fetched.data)
-        cached = await self.cached(self._stored_embedding, key, ref)
-        if cached is not None:
-            metrics.EMBEDDING_CACHE.labels("hit").inc()
-            return Embedded(torch.from_numpy(cached), key)
-        metrics.EMBEDDING_CACHE.labels("miss").inc()
-        loop = asyncio.get_running_loop()
-        async with self._decoded_background if priority == BACKGROUND else self._decoded:
-            pixels = await loop.run_in_executor(self.decode_pool, self._pixels, encoder, fetched)
-            row = await self.host.inference.encode(encoder.encode_images, pixels, priority)
-        metrics.IMAGES_ENCODED.inc()
-        await self.cached(self.store.put_embedding, key, row.numpy(), ref)
-        return Embedded(row, key)
-
-    # --- the data plane (DECODE_PROCESSES) -------------------------------------------------------
     def plane(self, encoder: Encoder) -> DecodePlane | None:
         """The decode processes, started on first use; None when DECODE_PROCESSES=0 or the
         model's preprocessing does not split into PIL steps and a tensor tail."""
@@ -142,30 +155,163 @@ class Embedder:
                 processes=plane_processes(self.settings, os.cpu_count()), nice=BACKGROUND_NICE)
         return self._plane
 
-    async def _embed_in_plane(self, plane: DecodePlane, encoder: Encoder, ref: str,
-                              task_id: int | None, ls: LabelStudioAccess | None,
-                              priority: int) -> Embedded:
-        """`embed` with fetch, hash, decode and resize in the decode processes; uint8 pixels
-        normalised and encoded on the inference thread, batched across requests."""
-        async with self._decoded_background if priority == BACKGROUND else self._decoded:
-            decoded = await plane.decode(ref, task_id, ls, background=priority == BACKGROUND)
-            cached = await self.cached(self._stored_embedding, decoded.key, ref)
-            if cached is not None:
-                metrics.EMBEDDING_CACHE.labels("hit").inc()
-                return Embedded(torch.from_numpy(cached), decoded.key)
-            metrics.EMBEDDING_CACHE.labels("miss").inc()
-            row = await self.host.inference.encode(encoder.encode_pixels,
-                                                   torch.from_numpy(decoded.pixels), priority)
-        metrics.IMAGES_ENCODED.inc()
-        await self.cached(self.store.put_embedding, decoded.key, row.numpy(), ref)
-        return Embedded(row, decoded.key)
+    def _slots(self, priority: int) -> Slots:
+        return self._decoded_background if priority == BACKGROUND else self._decoded
 
-    def _stored_embedding(self, key: str, ref: str) -> Vector | None:
-        """The stored embedding of these bytes; if found, `ref` was just seen to hold them."""
-        vector = self.store.get_embedding(key)
-        if vector is not None and not ref.lstrip().startswith("data:"):
-            self.store.put_image_ref(key, ref)
-        return vector
+    async def embed_tasks(self, tasks: Sequence[Task], spaces: Sequence[LabelSpace],
+                          ls: LabelStudioAccess | None,
+                          priority: int = FOREGROUND) -> Embeddings:
+        """Embedding (or the error) of every distinct image reference the tasks use."""
+        refs = distinct_refs(tasks, spaces)
+        known: Embeddings = {**await self.known_embeddings(list(refs))}
+        todo = [(ref, task) for ref, task in refs.items() if ref not in known]
+        size = self._slots(priority).capacity  # a group never needs more slots than there are
+        groups = [dict(todo[start:start + size]) for start in range(0, len(todo), size)]
+        done = await asyncio.gather(*(self._embed_group(group, ls, priority)
+                                      for group in groups), return_exceptions=True)
+        for group, embedded in zip(groups, done):
+            known.update(embedded if isinstance(embedded, dict)
+                         else dict.fromkeys(group, embedded))
+        return known
+
+    async def embed(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None,
+                    priority: int = FOREGROUND) -> Embedded:
+        """One image through phases 2-5 (`BACKGROUND` work waits behind Label Studio's
+        requests for decode slots and encoder)."""
+        found = (await self._embed_group({ref: task_id}, ls, priority))[ref]
+        if isinstance(found, BaseException):
+            raise found
+        return found
+
+    async def known_embeddings(self, refs: list[str]) -> dict[str, Embedded]:
+        """Phase 1: embeddings of the images whose reference was checked within
+        IMAGE_REF_TTL_S: they need no download. One store round trip for the lot; data: URIs
+        are hashed instead."""
+        ttl = self.settings.IMAGE_REF_TTL_S
+        refs = [ref for ref in refs if not is_data_uri(ref)]
+        if not ttl or not refs:
+            return {}
+        found = await self.cached(self.store.embeddings_for_refs, self.model, refs,
+                                  time.time() - ttl) or {}
+        metrics.EMBEDDING_CACHE.labels("hit").inc(len(found))
+        return {ref: Embedded(torch.from_numpy(vector), key)
+                for ref, (key, vector) in found.items()}
+
+    async def _embed_group(self, refs: Refs, ls: LabelStudioAccess | None,
+                           priority: int) -> Embeddings:
+        """Phases 2-5 for up to one `Slots.capacity` of images."""
+        encoder = self.host.loaded()
+        slots = self._slots(priority).group()
+        try:
+            decoded = await self._decode_all(refs, ls, encoder, slots, priority)
+            images = {ref: d for ref, d in decoded.items() if isinstance(d, Decoded)}
+            done: Embeddings = {ref: e for ref, e in decoded.items()
+                                if isinstance(e, BaseException)}
+            slots.release(len(done))
+            del decoded
+            stored: dict[str, Vector] = await self.cached(
+                self.store.embeddings, list(dict.fromkeys(d.key for d in images.values()))) or {}
+            hits = self._hits(images, stored)
+            slots.release(len(hits))
+            encoded = await self._encode_misses(images, encoder, priority, slots)
+            await self._remember(hits, encoded)
+            return {**done, **hits, **encoded}
+        finally:
+            slots.release_all()
+
+    async def _decode_all(self, refs: Refs, ls: LabelStudioAccess | None, encoder: Encoder,
+                          slots: SlotGroup, priority: int) -> dict[str, Decoded | BaseException]:
+        """Phase 2: fetch, hash, decode and preprocess every reference, each once it has a
+        slot in `slots`: in the decode processes (uint8 pixels), or fetched on the event loop
+        and decoded in the decode pool (float tensors). An error (fetch refused, image
+        unreadable) is that reference's result."""
+        loop = asyncio.get_running_loop()
+        plane = self.plane(encoder)
+
+        async def one(ref: str, task_id: int | None) -> Decoded:
+            if plane is not None:
+                made = await plane.decode(ref, task_id, ls, background=priority == BACKGROUND)
+                pixels = made.pixels
+                return Decoded(made.key, pixels if isinstance(pixels, BaseException)
+                               else torch.from_numpy(pixels))
+            fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
+            return await loop.run_in_executor(self.decode_pool, self._decode, encoder, fetched)
+
+        jobs: list[asyncio.Future[Decoded]] = []
+        try:
+            async with slots.taking:
+                for ref, task_id in refs.items():
+                    await slots.take()
+                    jobs.append(asyncio.ensure_future(one(ref, task_id)))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        return dict(zip(refs, done))
+
+    def _decode(self, encoder: Encoder, fetched: Fetched) -> Decoded:
+        key = embedding_key(self.model, fetched.data)
+        try:
+            return Decoded(key, self._pixels(encoder, fetched))
+        except Exception as exc:  # noqa: BLE001 - fails its task, unless the store has it
+            return Decoded(key, exc)
+
+    def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
+        image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
+                             draft_size=encoder.input_size, content_type=fetched.content_type,
+                             max_bytes=self.settings.MAX_DECODE_BYTES,
+                             formats=self.settings.image_formats)
+        return encoder.preprocess(image)
+
+    @staticmethod
+    def _hits(images: dict[str, Decoded], stored: dict[str, Vector]) -> dict[str, Embedded]:
+        """Phase 3's outcome: the images whose embedding is stored, taken out of `images`
+        (what is left are the misses). Counted in the embedding-cache metric."""
+        hits = {ref: Embedded(torch.from_numpy(stored[decoded.key]), decoded.key)
+                for ref, decoded in images.items() if decoded.key in stored}
+        for ref in hits:
+            del images[ref]
+        metrics.EMBEDDING_CACHE.labels("hit").inc(len(hits))
+        metrics.EMBEDDING_CACHE.labels("miss").inc(len(images))
+        return hits
+
+    async def _encode_misses(self, misses: dict[str, Decoded], encoder: Encoder, priority: int,
+                             slots: SlotGroup) -> Embeddings:
+        """Phase 4: encode the misses (emptying `misses`, so each image's pixels are freed
+        as soon as it is encoded; its slot is given back then too)."""
+        async def one(decoded: Decoded) -> Embedded:
+            try:
+                if isinstance(decoded.pixels, BaseException):
+                    raise decoded.pixels
+                # uint8 from the decode processes, normalised on the inference thread
+                encode = (encoder.encode_pixels if decoded.pixels.dtype == torch.uint8
+                          else encoder.encode_images)
+                row = await self.host.inference.encode(encode, decoded.pixels, priority)
+            finally:
+                slots.release()
+            metrics.IMAGES_ENCODED.inc()
+            return Embedded(row, decoded.key)
+
+        refs = list(misses)
+        jobs = [one(misses.pop(ref)) for ref in refs]
+        return dict(zip(refs, await asyncio.gather(*jobs, return_exceptions=True)))
+
+    async def _remember(self, hits: dict[str, Embedded], encoded: Embeddings) -> None:
+        """Phase 5: one write of the new embeddings and the references seen to hold each image
+        (data: URIs are no references)."""
+        new: list[EmbeddingItem] = [
+            (e.key, e.vector.numpy(), None if is_data_uri(ref) else ref)
+            for ref, e in encoded.items() if isinstance(e, Embedded)]
+        seen = [(e.key, ref) for ref, e in hits.items() if not is_data_uri(ref)]
+        if new or seen:
+            await self.cached(self._write_embeddings, new, seen)
+
+    def _write_embeddings(self, new: list[EmbeddingItem], seen: list[tuple[str, str]]) -> None:
+        if new:
+            self.store.put_embeddings(new)
+        if seen:
+            self.store.put_image_refs(seen)
 
     async def cached(self, call: Callable[..., Any], *args: Any) -> Any:
         """The embedding cache is an optimisation: when the store is down, carry on without.
@@ -177,13 +323,6 @@ class Embedder:
         except StoreUnavailable as exc:
             log.debug("embedding cache unavailable: %s", exc)
             return None
-
-    def _pixels(self, encoder: Encoder, fetched: Fetched) -> torch.Tensor:
-        image = decode_image(fetched.data, max_pixels=self.settings.MAX_IMAGE_PIXELS,
-                             draft_size=encoder.input_size, content_type=fetched.content_type,
-                             max_bytes=self.settings.MAX_DECODE_BYTES,
-                             formats=self.settings.image_formats)
-        return encoder.preprocess(image)
 
     async def embed_corrected(
             self, entries: Sequence[Entry],
@@ -209,6 +348,10 @@ class Embedder:
             await self.embed(ref, task_id, ls)
         except BackendError as exc:
             log.warning("task %s: could not embed the corrected image: %s", task_id, exc)
+
+
+def is_data_uri(ref: str) -> bool:
+    return ref.lstrip().startswith("data:")
 
 
 def task_id(task: Task) -> int | None:

@@ -15,6 +15,7 @@ from .base import (
     BULK_READ,
     ZERO_SHOT,
     BaseStore,
+    EmbeddingItem,
     Known,
     Record,
     Store,
@@ -27,8 +28,9 @@ from .base import (
 )
 from .entry import Entry
 
-__all__ = ["BULK_READ", "ZERO_SHOT", "BaseStore", "Entry", "Known", "Record", "Store", "Vector",
-           "embedding_key", "model_embedding_key", "open_store", "pack", "ref_key", "unpack"]
+__all__ = ["BULK_READ", "ZERO_SHOT", "BaseStore", "EmbeddingItem", "Entry", "Known", "Record",
+           "Store", "Vector", "embedding_key", "model_embedding_key", "open_store", "pack",
+           "ref_key", "unpack"]
 
 
 def open_store(settings: Settings) -> Store:

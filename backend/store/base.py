@@ -20,6 +20,9 @@ ZERO_SHOT = "zero-shot"
 Vector = npt.NDArray[np.float32]
 Known = tuple[str, Vector]
 """An image's embedding key and its embedding."""
+EmbeddingItem = tuple[str, Vector, str | None]
+"""An embedding to store: its key, the vector, and the image reference it was fetched from
+(None for a data: URI, never recorded as a reference)."""
 BULK_READ = 500
 """References looked up per round trip."""
 
@@ -27,6 +30,10 @@ BULK_READ = 500
 class Store(Protocol):
     def put_prediction(self, entry: Entry) -> bool:
         """Keep a `prediction` entry as its task's latest prediction."""
+        ...
+
+    def put_predictions(self, entries: Sequence[Entry]) -> list[bool]:
+        """`put_prediction` of each entry, in order, in one transaction (one round trip)."""
         ...
 
     def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
@@ -78,7 +85,21 @@ class Store(Protocol):
         """Record that the image at `image_ref` was fetched just now and hashed to `key`."""
         ...
 
+    def put_embeddings(self, items: Sequence[EmbeddingItem]) -> None:
+        """`put_embedding` of each (key, vector, image_ref or None), in one transaction."""
+        ...
+
+    def put_image_refs(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """`put_image_ref` of each (key, image_ref), in one transaction."""
+        ...
+
     def get_embedding(self, key: str) -> Vector | None: ...
+
+    def embeddings(self, keys: Sequence[str]) -> dict[str, Vector]:
+        """The stored embeddings of these keys (those not stored are left out); one round
+        trip."""
+        ...
+
     def embedding_key_for(self, model: str, image_ref: str) -> str | None: ...
 
     def embeddings_for_refs(self, model: str, image_refs: Sequence[str],
@@ -129,8 +150,30 @@ class BaseStore(ABC):
                            "received_at": entry.received_at, **entry.data},
                           sort_keys=True, ensure_ascii=False)
 
+    def put_prediction(self, entry: Entry) -> bool:
+        (kept,) = self.put_predictions([entry])
+        return kept
+
     @abstractmethod
-    def put_prediction(self, entry: Entry) -> bool: ...
+    def put_predictions(self, entries: Sequence[Entry]) -> list[bool]: ...
+
+    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
+        self.put_embeddings([(key, vector, image_ref)])
+
+    def put_image_ref(self, key: str, image_ref: str) -> None:
+        self.put_image_refs([(key, image_ref)])
+
+    def get_embedding(self, key: str) -> Vector | None:
+        return self.embeddings([key]).get(key)
+
+    @abstractmethod
+    def put_embeddings(self, items: Sequence[EmbeddingItem]) -> None: ...
+
+    @abstractmethod
+    def put_image_refs(self, pairs: Sequence[tuple[str, str]]) -> None: ...
+
+    @abstractmethod
+    def embeddings(self, keys: Sequence[str]) -> dict[str, Vector]: ...
 
     @abstractmethod
     def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:

@@ -20,7 +20,17 @@ import redis
 
 from .. import metrics
 from ..errors import StoreUnavailable
-from .base import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .base import (
+    BULK_READ,
+    BaseStore,
+    EmbeddingItem,
+    Known,
+    Record,
+    Vector,
+    pack,
+    ref_key,
+    unpack,
+)
 from .entry import Entry
 from .keys import Keys
 
@@ -96,13 +106,16 @@ class RedisStore(BaseStore):
         kwargs = self._redis.connection_pool.connection_kwargs
         return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
 
-    def put_prediction(self, entry: Entry) -> bool:
-        record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
+    def put_predictions(self, entries: Sequence[Entry]) -> list[bool]:
+        if not entries:
+            return []
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self.keys.prediction(entry.project, entry.data["task"]), record)
-        pipe.sadd(self.keys.predicted_tasks(entry.project), entry.data["task"])
+        for entry in entries:
+            record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
+            pipe.set(self.keys.prediction(entry.project, entry.data["task"]), record)
+            pipe.sadd(self.keys.predicted_tasks(entry.project), entry.data["task"])
         self._call(pipe.execute)
-        return True
+        return [True] * len(entries)
 
     def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
         k = self.keys
@@ -173,26 +186,41 @@ class RedisStore(BaseStore):
                 if raw:
                     yield json.loads(raw)
 
-    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
+    def put_embeddings(self, items: Sequence[EmbeddingItem]) -> None:
+        if not items:
+            return
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self.keys.embedding(key), pack(vector))
-        if image_ref is not None:
-            self._queue_image_ref(pipe, key, image_ref)
+        now = repr(time.time())
+        for key, vector, image_ref in items:
+            pipe.set(self.keys.embedding(key), pack(vector))
+            if image_ref is not None:
+                self._queue_image_ref(pipe, key, image_ref, now)
         self._call(pipe.execute)
 
-    def put_image_ref(self, key: str, image_ref: str) -> None:
+    def put_image_refs(self, pairs: Sequence[tuple[str, str]]) -> None:
+        if not pairs:
+            return
         pipe = self._redis.pipeline(transaction=True)
-        self._queue_image_ref(pipe, key, image_ref)
+        now = repr(time.time())
+        for key, image_ref in pairs:
+            self._queue_image_ref(pipe, key, image_ref, now)
         self._call(pipe.execute)
 
-    def _queue_image_ref(self, pipe: Any, key: str, image_ref: str) -> None:
+    def _queue_image_ref(self, pipe: Any, key: str, image_ref: str, now: str) -> None:
         ref = ref_key(key.split("|", 1)[0], image_ref)
         pipe.set(self.keys.image(ref), key)
-        pipe.set(self.keys.image_verified(ref), repr(time.time()))
+        pipe.set(self.keys.image_verified(ref), now)
 
-    def get_embedding(self, key: str) -> Vector | None:
-        raw = self._call(self._redis.get, self.keys.embedding(key))
-        return unpack(raw) if raw else None
+    def embeddings(self, keys: Sequence[str]) -> dict[str, Vector]:
+        """One pipeline of an MGET per BULK_READ keys: one round trip."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(keys), BULK_READ):
+            pipe.mget([self.keys.embedding(key) for key in keys[start:start + BULK_READ]])
+        values = [raw for chunk in self._call(pipe.execute) for raw in chunk]
+        return {key: unpack(raw) for key, raw in zip(keys, values) if raw}
 
     def embedding_key_for(self, model: str, image_ref: str) -> str | None:
         raw = self._call(self._redis.get, self.keys.image(ref_key(model, image_ref)))

@@ -23,7 +23,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import StoreUnavailable
-from .base import BULK_READ, BaseStore, Known, Record, Vector, pack, ref_key, unpack
+from .base import (
+    BULK_READ,
+    BaseStore,
+    EmbeddingItem,
+    Known,
+    Record,
+    Vector,
+    pack,
+    ref_key,
+    unpack,
+)
 from .entry import Entry
 
 SCHEMA = """
@@ -94,12 +104,16 @@ class SqliteStore(BaseStore):
                     db.execute(*statement)
         return first
 
-    def put_prediction(self, entry: Entry) -> bool:
-        record = json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False)
-        return bool(self._write([(
-            "INSERT INTO predictions VALUES (?, ?, ?) ON CONFLICT (project, task) "
-            "DO UPDATE SET record = excluded.record",
-            (entry.project, entry.data["task"], record))]))
+    def put_predictions(self, entries: Sequence[Entry]) -> list[bool]:
+        rows = [(entry.project, entry.data["task"],
+                 json.dumps({"project": entry.project, **entry.data}, ensure_ascii=False))
+                for entry in entries]
+        if not rows:
+            return []
+        with self.transaction() as db:
+            return [bool(db.execute(
+                "INSERT INTO predictions VALUES (?, ?, ?) ON CONFLICT (project, task) "
+                "DO UPDATE SET record = excluded.record", row).rowcount) for row in rows]
 
     def commit_annotation(self, entry: Entry, record: Record, updated: float) -> bool:
         return bool(self._write([
@@ -201,19 +215,37 @@ class SqliteStore(BaseStore):
                                      "WHERE project = ? AND task IN ({keys})", (project,)):
             yield json.loads(str(record))
 
-    def put_embedding(self, key: str, vector: Vector, image_ref: str | None = None) -> None:
-        statements: list[tuple[str, tuple[object, ...]]] = [
-            ("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", (key, pack(vector)))]
-        if image_ref is not None:
-            statements.append(_image_ref_statement(key, image_ref))
-        self._write(statements)
+    def put_embeddings(self, items: Sequence[EmbeddingItem]) -> None:
+        if not items:
+            return
+        now = time.time()
+        refs = [(key, image_ref) for key, _, image_ref in items if image_ref is not None]
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                           [(key, pack(vector)) for key, vector, _ in items])
+            db.executemany(IMAGE_REF_SQL, _image_ref_rows(refs, now))
 
-    def put_image_ref(self, key: str, image_ref: str) -> None:
-        self._write([_image_ref_statement(key, image_ref)])
+    def put_image_refs(self, pairs: Sequence[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        with self.transaction() as db:
+            db.executemany(IMAGE_REF_SQL, _image_ref_rows(pairs, time.time()))
 
-    def get_embedding(self, key: str) -> Vector | None:
-        rows = self._read("SELECT data FROM embeddings WHERE key = ?", (key,))
-        return unpack(rows[0][0]) if rows else None  # type: ignore[arg-type]
+    def embeddings(self, keys: Sequence[str]) -> dict[str, Vector]:
+        """BULK_READ keys per SELECT, all under one hold of the connection."""
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, Vector] = {}
+        with self._lock:
+            try:
+                for start in range(0, len(keys), BULK_READ):
+                    batch = keys[start:start + BULK_READ]
+                    rows = self._db.execute(
+                        "SELECT key, data FROM embeddings "
+                        f"WHERE key IN ({', '.join('?' * len(batch))})", batch).fetchall()
+                    found.update({str(key): unpack(data) for key, data in rows})
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"embedded store {self.path}: {exc}") from None
+        return found
 
     def embedding_key_for(self, model: str, image_ref: str) -> str | None:
         rows = self._read("SELECT embedding_key FROM images WHERE ref = ?",
@@ -242,9 +274,12 @@ class SqliteStore(BaseStore):
             self._db.close()
 
 
-def _image_ref_statement(key: str, image_ref: str) -> tuple[str, tuple[object, ...]]:
-    return ("INSERT OR REPLACE INTO images VALUES (?, ?, ?)",
-            (ref_key(key.split("|", 1)[0], image_ref), key, time.time()))
+IMAGE_REF_SQL = "INSERT OR REPLACE INTO images VALUES (?, ?, ?)"
+
+
+def _image_ref_rows(pairs: Sequence[tuple[str, str]],
+                    now: float) -> list[tuple[str, str, float]]:
+    return [(ref_key(key.split("|", 1)[0], image_ref), key, now) for key, image_ref in pairs]
 
 
 def _add_verified_at(db: sqlite3.Connection) -> None:

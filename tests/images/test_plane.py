@@ -65,20 +65,25 @@ async def outcome(awaitable: Awaitable[Any]) -> Any:
 
 
 def in_process(settings: Settings, ref: str, ls: LabelStudioAccess | None = None) -> Any:
-    """What the in-process path makes of `ref`: (key, pixels) or the exception."""
+    """What the in-process path makes of `ref`: (key, pixels or the decode error), or the
+    fetch error."""
     async def run() -> Any:
         fetcher = ImageFetcher(settings)
         try:
             fetched = await fetcher.fetch(ref, ls=ls)
-            image = decode_image(fetched.data, max_pixels=settings.MAX_IMAGE_PIXELS,
-                                 draft_size=SIDE, content_type=fetched.content_type,
-                                 max_bytes=settings.MAX_DECODE_BYTES,
-                                 formats=settings.image_formats)
-            return embedding_key(MODEL, fetched.data), np.asarray(apply_steps(image, STEPS))
         except Exception as exc:  # noqa: BLE001
             return exc
         finally:
             await fetcher.aclose()
+        key = embedding_key(MODEL, fetched.data)
+        try:
+            image = decode_image(fetched.data, max_pixels=settings.MAX_IMAGE_PIXELS,
+                                 draft_size=SIDE, content_type=fetched.content_type,
+                                 max_bytes=settings.MAX_DECODE_BYTES,
+                                 formats=settings.image_formats)
+            return key, np.asarray(apply_steps(image, STEPS))
+        except Exception as exc:  # noqa: BLE001
+            return key, exc
 
     return asyncio.run(run())
 
@@ -100,13 +105,20 @@ def test_pixels_keys_and_errors_are_those_of_the_in_process_path(loopback):
 
     for ref, got in zip(refs, run_plane(settings, body, processes=2)):
         expected = in_process(settings, ref)
-        if isinstance(expected, Exception):
+        if isinstance(expected, Exception):  # not fetched
             assert type(got) is type(expected) and str(got) == str(expected), ref
+            continue
+        assert isinstance(got, Decoded), f"{ref}: {got!r}"
+        key, pixels = expected
+        assert got.key == key
+        if isinstance(pixels, Exception):  # fetched, not decoded
+            assert type(got.pixels) is type(pixels) and str(got.pixels) == str(pixels), ref
         else:
-            assert isinstance(got, Decoded), f"{ref}: {got!r}"
-            assert got.key == expected[0]
+            assert isinstance(got.pixels, np.ndarray), f"{ref}: {got.pixels!r}"
             assert got.pixels.dtype == np.uint8 and got.pixels.shape == (SIDE, SIDE, 3)
-            assert np.array_equal(got.pixels, expected[1]), ref
+            assert np.array_equal(got.pixels, pixels), ref
+    assert sum(isinstance(outcome, tuple) and isinstance(outcome[1], DecodeError)
+               for outcome in map(lambda ref: in_process(settings, ref), refs)) >= 2
 
 
 def test_the_address_guard_holds_in_the_decode_processes():

@@ -224,3 +224,78 @@ def test_a_projects_latest_predictions_are_listed(store):
     listed = {p["task"]: p["model_version"] for p in store.predictions(project)}
     assert listed == {"3": "m:p2", "5": "m:p1"}
     assert list(store.predictions(project + "-none")) == []
+
+
+# --- batched reads and writes: one transaction (SQLite) or one pipeline (Redis) each -------------
+def _vectors(count: int, seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 8)).astype(np.float32)
+
+
+def test_embeddings_are_read_in_one_call_and_missing_ones_left_out(store):
+    vectors = _vectors(3)
+    keys = [embedding_key("batch", bytes([i])) for i in range(4)]
+    for key, vector in zip(keys, vectors):
+        store.put_embedding(key, vector)
+    found = store.embeddings([*keys, keys[0]])  # the 4th was never stored; a key twice
+    assert sorted(found) == sorted(keys[:3])
+    for key, vector in zip(keys, vectors):
+        np.testing.assert_array_equal(found[key], store.get_embedding(key))
+        np.testing.assert_allclose(found[key], vector, rtol=1e-3, atol=1e-3)
+    assert store.embeddings([]) == {}
+    assert store.get_embedding(keys[3]) is None
+
+
+def test_many_embeddings_are_read_across_chunks(store):
+    keys = [embedding_key("chunks", str(i).encode()) for i in range(BULK_READ + 20)]
+    store.put_embeddings([(key, np.full(4, i, np.float32), None) for i, key in enumerate(keys)])
+    found = store.embeddings(keys)
+    assert len(found) == len(keys) and found[keys[-1]][0] == len(keys) - 1
+
+
+def test_put_embeddings_equals_put_embedding_one_by_one(request, tmp_path, store):
+    vectors = _vectors(3, seed=3)
+    items = [(embedding_key("one", b"a"), vectors[0], "/a.png"),
+             (embedding_key("one", b"b"), vectors[1], None),  # a data: URI: no reference
+             (embedding_key("one", b"c"), vectors[2], "/c.png")]
+    before = time.time()
+    store.put_embeddings(items)
+    store.put_embeddings([])
+    single = (RedisStore(request.getfixturevalue("redis_url"), prefix="single")
+              if isinstance(store, RedisStore) else SqliteStore(tmp_path / "single.sqlite3"))
+    for key, vector, ref in items:
+        single.put_embedding(key, vector, ref)
+    for batched_or_single in (store, single):
+        assert {key: v.tolist() for key, v in batched_or_single.embeddings(
+            [key for key, _, _ in items]).items()} == {
+            key: single.get_embedding(key).tolist() for key, _, _ in items}
+        found = batched_or_single.embeddings_for_refs("one", ["/a.png", "/b.png", "/c.png"],
+                                                      before)
+        assert {ref: key for ref, (key, _) in found.items()} == {"/a.png": items[0][0],
+                                                                 "/c.png": items[2][0]}
+    single.close()
+
+
+def test_put_image_refs_marks_each_reference_seen_now(store):
+    keys = [embedding_key("refs", bytes([i])) for i in range(3)]
+    store.put_embeddings([(key, np.ones(4, np.float32), None) for key in keys])
+    later = time.time()
+    store.put_image_refs([(keys[0], "/x.png"), (keys[1], "/y.png")])
+    store.put_image_refs([])
+    store.put_image_ref(keys[2], "/z.png")
+    found = store.embeddings_for_refs("refs", ["/x.png", "/y.png", "/z.png"], later)
+    assert {ref: key for ref, (key, _) in found.items()} == {
+        "/x.png": keys[0], "/y.png": keys[1], "/z.png": keys[2]}
+    assert store.embedding_key_for("refs", "/y.png") == keys[1]
+
+
+def test_put_predictions_equals_put_prediction_and_is_idempotent(store):
+    project = f"batch-{np.random.default_rng().integers(1 << 30)}"
+    entries = [prediction_entry(project, task, {"model_version": version, "score": 0.5,
+                                                "result": []}, {})
+               for task, version in ((3, "m:p1"), (5, "m:p1"), (3, "m:p2"))]
+    assert store.put_predictions(entries) == [store.put_prediction(e) for e in entries]
+    assert store.put_predictions(entries) == [True, True, True]  # again: same outcome
+    assert store.put_predictions([]) == []
+    listed = {p["task"]: p["model_version"] for p in store.predictions(project)}
+    assert listed == {"3": "m:p2", "5": "m:p1"}  # the later entry for a task wins
+    assert store.prediction(project, "3") == {"project": project, **entries[2].data}
