@@ -1,0 +1,546 @@
+"""The data plane's CPU proxy: /predict with a near-free encoder, against the CPU work it needs.
+
+    python bench/data_plane.py [--images 2000] [--clients 8] [--tasks-per-request 16]
+                               [--processes 0 1 2] [--seconds 10]
+
+The encoder is a tiny open_clip model (random weights) with a 224 px input, so what is left is
+the data plane: download, hash, decode, preprocess, store, scheduling. In one run it measures:
+  limit     cores x the single-thread img/s of the real work on the same images: decode (with
+            draft) + resize + crop + normalise, as the backend does it (images.decode and the
+            encoder's preprocess), from its CPU time (what an idle core does);
+  /predict  img/s of the real app (`python -m backend serve` in a subprocess), `--clients`
+            concurrent clients of `--tasks-per-request` tasks each, over loopback HTTP, for each
+            DECODE_PROCESSES in `--processes` (one run when the setting does not exist yet),
+            and its ratio to the limit (target >= 0.6; 2 processes >= 1.7 x 1 on 2 cores);
+  CPU ms    per image: the server's main process, its child processes (the decode processes),
+            the plane's own stages (backend_plane_cpu_seconds_total{stage}, when exposed),
+            the image server and this client; their sum against the real work's CPU ms is
+            the ratio an idle machine would reach (a CPU-bound figure other load does not skew);
+  /health   p50/p99 latency, sampled every 20 ms from another process while /predict runs
+            flat out (target p99 < 100 ms).
+Images: 640x480 JPEGs (quality 90), distinct bytes in every run (each backend run also starts
+with an empty store), served by nginx (Debian's nginx-light, installed if missing) with a
+generated configuration; without nginx, by a Python server in its own process (with a warning:
+it takes CPU from the cores being measured). The machine may be shared: the load average is
+printed before and after; compare ratios from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backend.config import Settings, load_settings  # noqa: E402
+from backend.images.decode import decode_image  # noqa: E402
+from tests.support.backend_process import BackendProcess  # noqa: E402
+from tests.support.redis_server import free_port  # noqa: E402
+from tests.support.tiny_models import TINY_CLIP  # noqa: E402
+
+WIDTH, HEIGHT, QUALITY = 640, 480, 90
+NOISE = 8.0
+"""Standard deviation of the noise added to each picture, in 8-bit levels."""
+PICTURES = 256
+"""Different pictures drawn; the rest of `--images` are byte-distinct copies (a JPEG comment)."""
+TINY_224 = {**TINY_CLIP, "vision_cfg": {"image_size": 224, "layers": 1, "width": 64,
+                                        "patch_size": 32, "head_width": 32}}
+LABELS = ["cat", "dog", "car", "tree", "house", "person", "bicycle", "boat"]
+CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
+          + "".join(f'<Choice value="{label}"/>' for label in LABELS) + "</Choices></View>")
+STAGES = ("fetch", "hash", "decode", "preprocess")
+HEALTH_EVERY_S = 0.02
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def picture(seed: int) -> bytes:
+    """A 640x480 photo-like JPEG: gradients and shapes under sensor-like noise, about 86 KB at
+    quality 90 as camera photos of that size are (smooth shapes alone compress to 22 KB and
+    decode faster than photos)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, WIDTH, dtype=np.float32)[None, :, None]
+    base = (rng.uniform(40, 200, 3) * (0.6 + 0.4 * ramp)).astype(np.float32)
+    image = Image.fromarray(np.broadcast_to(base, (HEIGHT, WIDTH, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))
+        r = int(rng.integers(WIDTH // 20, WIDTH // 5))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, NOISE, (HEIGHT, WIDTH, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=QUALITY)
+    return buffer.getvalue()
+
+
+def tagged(jpeg: bytes, tag: str) -> bytes:
+    """The same JPEG with a comment segment after SOI: other bytes (another sha256), same pixels."""
+    payload = tag.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def write_run(www: Path, pictures: list[bytes], run: str, count: int) -> list[str]:
+    """`count` distinct JPEGs for one run under www/run/; their paths relative to www."""
+    folder = www / run
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        (folder / f"{i}.jpg").write_bytes(tagged(pictures[i % len(pictures)], f"{run}/{i}"))
+        paths.append(f"{run}/{i}.jpg")
+    return paths
+
+
+# --- the image server --------------------------------------------------------------------------
+
+NGINX_CONF = """{user}worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    types {{ image/jpeg jpg; }}
+    default_type application/octet-stream;
+    client_body_temp_path {root}/body;
+    open_file_cache max=10000 inactive=60s;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+    }}
+}}
+"""
+PYTHON_SERVER = """
+import functools, http.server, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+handler = functools.partial(Handler, directory=sys.argv[2])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"""
+
+
+def nginx_binary() -> str | None:
+    """nginx on PATH (or /usr/sbin), installing Debian's nginx-light when it is missing."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found or not shutil.which("apt-get"):
+        return found
+    print("installing nginx-light (apt-get) to serve the images ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "nginx-light"], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "nginx-light"]):
+        if subprocess.run(command, env=env, capture_output=True).returncode == 0 and \
+                command[1] == "install":
+            break
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+class ImageServer:
+    """nginx serving `root`/www on a loopback port, or a Python server when nginx is missing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.kind = "nginx"
+
+    def __enter__(self) -> ImageServer:
+        (self.root / "www").mkdir(parents=True, exist_ok=True)
+        binary = nginx_binary()
+        if binary:
+            conf = self.root / "nginx.conf"
+            # started by root, nginx's workers would run as nobody, who cannot read a temp dir
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            conf.write_text(NGINX_CONF.format(user=user, root=self.root, port=self.port))
+            command = [binary, "-p", str(self.root), "-c", str(conf), "-e", "stderr"]
+        else:
+            print("WARNING: nginx is not available; images come from a Python server in its own "
+                  "process, which caps the rate near 350 img/s and takes CPU from the cores "
+                  "being measured", flush=True)
+            self.kind = "python http.server"
+            command = [sys.executable, "-c", PYTHON_SERVER, str(self.port), str(self.root / "www")]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
+        self._wait()
+        return self
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"image server exited: {self.process.communicate()[1]!r}")
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("image server did not start")
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *children(self.process.pid)]
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# --- CPU accounting from /proc -----------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from every process's parent id in /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class CpuSnapshot:
+    main: float
+    children: dict[int, float]
+    server: float
+    client: float
+    plane: dict[str, float]
+
+    @staticmethod
+    def take(backend: BackendProcess, images: ImageServer) -> CpuSnapshot:
+        return CpuSnapshot(
+            main=cpu_seconds(backend.pid),
+            children={pid: cpu_seconds(pid) for pid in children(backend.pid)},
+            server=sum(cpu_seconds(pid) for pid in images.pids()),
+            client=sum(os.times()[:2]),
+            plane=plane_cpu(backend.url))
+
+
+def plane_cpu(url: str) -> dict[str, float]:
+    """backend_plane_cpu_seconds_total by stage; empty before the plane exists."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {sample.labels.get("stage", "?"): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "backend_plane_cpu_seconds_total"}
+
+
+def metric(url: str, name: str) -> float | None:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == name]
+    return sum(values) if values else None
+
+
+# --- the limit: single-thread real work --------------------------------------------------------
+
+def single_thread_work(settings: Settings, images: list[bytes],
+                       seconds: float) -> tuple[float, float]:
+    """(img/s by the wall clock, CPU ms per image) of decode (draft) + resize + crop +
+    normalise on one thread, as the backend does it. The CPU time is what an idle core needs:
+    on a shared machine the wall-clock rate also counts the time other work took the core."""
+    import torch
+
+    from backend.zeroshot.encoder import load_encoder
+
+    torch.set_num_threads(1)
+    encoder = load_encoder(settings)
+    work = lambda data: encoder.preprocess(decode_image(  # noqa: E731
+        data, max_pixels=settings.MAX_IMAGE_PIXELS, draft_size=encoder.input_size,
+        content_type="image/jpeg", max_bytes=settings.MAX_DECODE_BYTES,
+        formats=settings.image_formats))
+    for data in images[:8]:
+        work(data)
+    done, started, cpu = 0, time.perf_counter(), time.thread_time()
+    while time.perf_counter() - started < seconds or done < 50:
+        work(images[done % len(images)])
+        done += 1
+    return done / (time.perf_counter() - started), 1000 * (time.thread_time() - cpu) / done
+
+
+# --- /health sampler (another process) ---------------------------------------------------------
+
+def sample_health(url: str, ready: Any, stop: Any, results: Any) -> None:
+    """GET /health every 20 ms until `stop`; put the latencies (s) on `results`."""
+    latencies: list[float] = []
+    with httpx.Client(timeout=10) as client:
+        client.get(url + "/health")
+        ready.set()
+        while not stop.is_set():
+            started = time.perf_counter()
+            client.get(url + "/health")
+            latencies.append(time.perf_counter() - started)
+            time.sleep(max(0.0, HEALTH_EVERY_S - (time.perf_counter() - started)))
+    results.put(latencies)
+
+
+class HealthSampler:
+    def __init__(self, url: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.ready, self.stop, self.results = context.Event(), context.Event(), context.Queue()
+        self.process = context.Process(target=sample_health,
+                                       args=(url, self.ready, self.stop, self.results))
+
+    def __enter__(self) -> HealthSampler:
+        self.process.start()
+        if not self.ready.wait(60):
+            raise RuntimeError("the /health sampler did not start")
+        return self
+
+    def latencies(self) -> list[float]:
+        self.stop.set()
+        found: list[float] = self.results.get(timeout=60)
+        self.process.join(30)
+        return found
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+# --- /predict load -----------------------------------------------------------------------------
+
+@dataclass
+class Load:
+    images: int = 0
+    requests: int = 0
+    wall_s: float = 0.0
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+async def drive(url: str, batches: list[list[str]], clients: int, seconds: float) -> Load:
+    """`clients` concurrent clients, each posting the next batch until none is left or
+    `seconds` have passed; in-flight requests finish and count."""
+    load, pending = Load(), iter(batches)
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for batch in pending:
+            tasks = [{"id": i, "data": {"image": ref}} for i, ref in enumerate(batch)]
+            response = await http.post(url + "/predict", json={"tasks": tasks,
+                                                               "label_config": CONFIG})
+            count(load, response, len(batch))
+            if time.perf_counter() > deadline:
+                return
+
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        load.wall_s = time.perf_counter() - started
+    return load
+
+
+def count(load: Load, response: httpx.Response, tasks: int) -> None:
+    load.requests += 1
+    if response.status_code != 200:
+        load.failures[f"HTTP {response.status_code}"] += tasks
+        return
+    for result in response.json()["results"]:
+        if "result" in result:
+            load.images += 1
+        else:
+            load.failures[str(result.get("error", "?"))[:80]] += 1
+
+
+# --- one backend run ---------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    label: str
+    load: Load
+    before: CpuSnapshot
+    after: CpuSnapshot
+    health: list[float]
+    decode_processes: float | None
+
+    @property
+    def rate(self) -> float:
+        return self.load.images / self.load.wall_s if self.load.wall_s else 0.0
+
+    def ms(self, seconds: float) -> float:
+        return 1000 * seconds / max(1, self.load.images)
+
+    def total_s(self) -> float:
+        """CPU seconds of the server, its children, the image server and the client."""
+        return (self.after.main - self.before.main + self.children_s()
+                + self.after.server - self.before.server + self.after.client - self.before.client)
+
+    def children_s(self) -> float:
+        return sum(cpu - self.before.children.get(pid, 0.0)
+                   for pid, cpu in self.after.children.items())
+
+
+def backend_env(config: Path, state: Path, processes: int | None) -> dict[str, str]:
+    env = {"MODEL_CONFIG": str(config), "MODEL_PRETRAINED": "none", "MODEL_DIR": str(state),
+           "DEVICE": "cpu", "IMAGE_URL_ALLOWLIST": "127.0.0.1", "TEMPLATES": "photo",
+           "LOG_LEVEL": "WARNING"}
+    if processes is not None:
+        env["DECODE_PROCESSES"] = str(processes)
+    return env
+
+
+def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
+            pictures: list[bytes], args: argparse.Namespace) -> Run:
+    www, slug = images.root / "www", f"run{time.monotonic_ns()}"
+    warm = write_run(www, pictures, f"{slug}-warm", 2 * args.tasks_per_request)
+    paths = write_run(www, pictures, slug, args.images)
+    refs = [f"{images.url}/{path}" for path in paths]
+    per = args.tasks_per_request
+    batches = [refs[i:i + per] for i in range(0, len(refs), per)]
+    with BackendProcess(env, work / f"backend-{slug}.log") as backend:
+        asyncio.run(drive(backend.url, [[f"{images.url}/{p}" for p in warm]], 1, 600))
+        with HealthSampler(backend.url) as health:
+            before = CpuSnapshot.take(backend, images)
+            load = asyncio.run(drive(backend.url, batches, args.clients, args.seconds))
+            after = CpuSnapshot.take(backend, images)
+            latencies = health.latencies()
+        alive = metric(backend.url, "backend_decode_processes")
+    shutil.rmtree(www / slug)
+    shutil.rmtree(www / f"{slug}-warm")
+    if len(batches) * per <= load.images + sum(load.failures.values()):
+        print(f"  note: run {label} used all {args.images} images within {args.seconds:.0f} s "
+              "(more --images make a longer run)", flush=True)
+    return Run(label, load, before, after, latencies, alive)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+COLUMNS = ("DECODE_PROCESSES", "img/s", "x limit", "main", "procs", *STAGES, "images",
+           "client", "p50", "p99", "failed")
+
+
+def row(run: Run, limit: float) -> list[str]:
+    plane = [f"{run.ms(run.after.plane[s] - run.before.plane.get(s, 0.0)):.2f}"
+             if s in run.after.plane else "-" for s in STAGES]
+    return [run.label, f"{run.rate:.1f}", f"{run.rate / limit:.2f}",
+            f"{run.ms(run.after.main - run.before.main):.2f}", f"{run.ms(run.children_s()):.2f}",
+            *plane, f"{run.ms(run.after.server - run.before.server):.2f}",
+            f"{run.ms(run.after.client - run.before.client):.2f}",
+            f"{1000 * percentile(run.health, 50):.1f}", f"{1000 * percentile(run.health, 99):.1f}",
+            str(sum(run.load.failures.values()))]
+
+
+def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
+    rows = [list(COLUMNS), *(row(run, limit) for run in runs)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    print("\nCPU ms per image: main = the server process, procs = its child processes (decode), "
+          "fetch..preprocess = backend_plane_cpu_seconds_total{stage} ('-': not exposed), "
+          "images = the image server, client = this process; /health latency in ms")
+    for r in rows:
+        print("  ".join(cell.rjust(width) if i else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(r, widths))))
+    for run in runs:
+        top = dict(run.load.failures.most_common(3))
+        failures = f", failures {top}" if top else ""
+        print(f"  {run.label}: {run.load.images} images in {run.load.wall_s:.1f} s, "
+              f"{run.load.requests} requests, {len(run.health)} /health samples, decode "
+              f"processes alive at the end: {run.decode_processes}{failures}")
+    by_label = {run.label: run for run in runs}
+    one, two = by_label.get("1"), by_label.get("2")
+    if one and two and one.rate:
+        print(f"scaling: 2 processes = {two.rate / one.rate:.2f} x 1 process "
+              f"(target >= 1.7 on 2 cores; {cores} cores here)")
+    for run in runs:
+        total = run.ms(run.total_s())
+        print(f"/predict {run.label}: {run.rate / limit:.2f} x limit (target >= 0.6); CPU "
+              f"{total:.2f} ms/img in all processes = {work_ms / total:.2f} x the real work's "
+              f"{work_ms:.2f} (the ratio an idle machine would reach, if CPU-bound); /health p99 "
+              f"{1000 * percentile(run.health, 99):.1f} ms (target < 100)")
+
+
+def run_labels(processes: list[int]) -> list[tuple[str, int | None]]:
+    """(label, DECODE_PROCESSES) per run; one default run while the setting does not exist."""
+    if "DECODE_PROCESSES" not in Settings.model_fields:
+        print("DECODE_PROCESSES is not a setting in this branch: one run of today's path")
+        return [("default", None)]
+    return [(str(n), n) for n in processes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="distinct JPEGs per run")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--tasks-per-request", type=int, default=16)
+    parser.add_argument("--processes", type=int, nargs="+", default=[0, 1, 2],
+                        help="DECODE_PROCESSES values, one /predict run each")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per /predict run (at most)")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    print(f"{cores} cores; load average before: {os.getloadavg()} "
+          "(a shared machine: other work skews absolute figures; compare ratios in one run)")
+    with tempfile.TemporaryDirectory(prefix="bench-data-plane-") as tmp:
+        measure(Path(tmp), cores, args)
+    print(f"load average after: {os.getloadavg()}")
+
+
+def measure(work: Path, cores: int, args: argparse.Namespace) -> None:
+    config = work / "tiny-224-clip.json"
+    config.write_text(json.dumps(TINY_224))
+    pictures = [picture(seed) for seed in range(min(PICTURES, args.images))]
+    size_kb = sum(map(len, pictures)) / len(pictures) / 1024
+    settings = load_settings(MODEL_CONFIG=str(config), MODEL_PRETRAINED="none", DEVICE="cpu")
+    sample = [tagged(data, f"limit/{i}") for i, data in enumerate(pictures)]
+    wall_rate, work_ms = single_thread_work(settings, sample, seconds=3.0)
+    limit = 1000 / work_ms * cores
+    print(f"images: {WIDTH}x{HEIGHT} JPEG q{QUALITY}, {size_kb:.0f} KB mean; model: tiny open_clip "
+          f"(224 px, random weights) on CPU")
+    print(f"limit: single-thread decode+resize+crop+normalise {work_ms:.2f} CPU ms/img = "
+          f"{1000 / work_ms:.1f} img/s on an idle core ({wall_rate:.1f} img/s by the wall clock "
+          f"here) x {cores} cores = {limit:.0f} img/s")
+    runs = []
+    with ImageServer(work / "images") as images:
+        print(f"image server: {images.kind}; {args.clients} clients x {args.tasks_per_request} "
+              f"tasks per request, up to {args.seconds:.0f} s or {args.images} images per run",
+              flush=True)
+        for label, processes in run_labels(args.processes):
+            env = backend_env(config, work / f"state-{label}", processes)
+            runs.append(one_run(label, env, images, work, pictures, args))
+    report(runs, limit, cores, work_ms)
+
+
+if __name__ == "__main__":
+    main()
