@@ -298,11 +298,11 @@ class Embedder:
         return dict(zip(refs, await asyncio.gather(*jobs, return_exceptions=True)))
 
     async def _remember(self, hits: dict[str, Embedded], encoded: Embeddings) -> None:
-        """Phase 5: one write of the new embeddings and the references seen to hold each image
-        (data: URIs are no references)."""
-        new: list[EmbeddingItem] = [
-            (e.key, e.vector.numpy(), None if is_data_uri(ref) else ref)
-            for ref, e in encoded.items() if isinstance(e, Embedded)]
+        """Phase 5: one write of the new embeddings, each with the reference it came from (a
+        data: URI too: a corrected data: image then finds its embedding), and the references
+        seen to hold an already stored image (URLs only: a data: URI is its own bytes)."""
+        new: list[EmbeddingItem] = [(e.key, e.vector.numpy(), ref)
+                                    for ref, e in encoded.items() if isinstance(e, Embedded)]
         seen = [(e.key, ref) for ref, e in hits.items() if not is_data_uri(ref)]
         if new or seen:
             await self.cached(self._write_embeddings, new, seen)
