@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +66,8 @@ NOISE = 8.0
 """Standard deviation of the noise added to each picture, in 8-bit levels."""
 PICTURES = 256
 """Different pictures drawn; the rest of `--images` are byte-distinct copies (a JPEG comment)."""
-TINY_224 = {**TINY_CLIP, "vision_cfg": {"image_size": 224, "layers": 1, "width": 64,
-                                        "patch_size": 32, "head_width": 32}}
+TINY_224 = {**TINY_CLIP, "vision_cfg": {"image_size": 224, "layers": 1, "width": 16,
+                                        "patch_size": 32, "head_width": 16}}
 LABELS = ["cat", "dog", "car", "tree", "house", "person", "bicycle", "boat"]
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
           + "".join(f'<Choice value="{label}"/>' for label in LABELS) + "</Choices></View>")
@@ -273,10 +276,11 @@ def metric(url: str, name: str) -> float | None:
 # --- the limit: single-thread real work --------------------------------------------------------
 
 def single_thread_work(settings: Settings, images: list[bytes],
-                       seconds: float) -> tuple[float, float]:
+                       seconds: float) -> tuple[float, float, float]:
     """(img/s by the wall clock, CPU ms per image) of decode (draft) + resize + crop +
-    normalise on one thread, as the backend does it. The CPU time is what an idle core needs:
-    on a shared machine the wall-clock rate also counts the time other work took the core."""
+    normalise on one thread, as the backend does it, and the encoder's own CPU ms per image
+    (batches of 8 uint8 images, one thread). The CPU time is what an idle core needs: on a
+    shared machine the wall-clock rate also counts the time other work took the core."""
     import torch
 
     from backend.zeroshot.encoder import load_encoder
@@ -293,7 +297,14 @@ def single_thread_work(settings: Settings, images: list[bytes],
     while time.perf_counter() - started < seconds or done < 50:
         work(images[done % len(images)])
         done += 1
-    return done / (time.perf_counter() - started), 1000 * (time.thread_time() - cpu) / done
+    wall, work_ms = done / (time.perf_counter() - started), 1000 * (time.thread_time() - cpu) / done
+    batch = torch.randint(0, 256, (8, encoder.input_size, encoder.input_size, 3),
+                          dtype=torch.uint8)
+    encoder.encode_pixels(batch)
+    cpu = time.thread_time()
+    for _ in range(20):
+        encoder.encode_pixels(batch)
+    return wall, work_ms, 1000 * (time.thread_time() - cpu) / (20 * len(batch))
 
 
 # --- /health sampler (another process) ---------------------------------------------------------
@@ -428,7 +439,7 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
     batches = [refs[i:i + per] for i in range(0, len(refs), per)]
     with BackendProcess(env, work / f"backend-{slug}.log") as backend:
         asyncio.run(drive(backend.url, [[f"{images.url}/{p}" for p in warm]], 1, 600))
-        with HealthSampler(backend.url) as health:
+        with HealthSampler(backend.url) as health, profiled(backend.pid, label, args.py_spy):
             before = CpuSnapshot.take(backend, images)
             load = asyncio.run(drive(backend.url, batches, args.clients, args.seconds))
             after = CpuSnapshot.take(backend, images)
@@ -440,6 +451,25 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
         print(f"  note: run {label} used all {args.images} images within {args.seconds:.0f} s "
               "(more --images make a longer run)", flush=True)
     return Run(label, load, before, after, latencies, alive)
+
+
+@contextlib.contextmanager
+def profiled(pid: int, label: str, out: Path | None) -> Iterator[None]:
+    """py-spy sampling the server's main process (its own threads only) while the block runs."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if out is None or not Path(spy).exists():
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / f"profile-{label}.txt"
+    process = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate",
+                                "200", "--output", str(raw), "--nonblocking", "--subprocesses"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -508,6 +538,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[0, 1, 2],
                         help="DECODE_PROCESSES values, one /predict run each")
     parser.add_argument("--seconds", type=float, default=10.0, help="per /predict run (at most)")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR",
+                        help="profile the server's main process during each run with py-spy "
+                        "(pip install py-spy): DIR/profile-<processes>.txt, frames by samples")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores; load average before: {os.getloadavg()} "
@@ -524,10 +557,11 @@ def measure(work: Path, cores: int, args: argparse.Namespace) -> None:
     size_kb = sum(map(len, pictures)) / len(pictures) / 1024
     settings = load_settings(MODEL_CONFIG=str(config), MODEL_PRETRAINED="none", DEVICE="cpu")
     sample = [tagged(data, f"limit/{i}") for i, data in enumerate(pictures)]
-    wall_rate, work_ms = single_thread_work(settings, sample, seconds=3.0)
+    wall_rate, work_ms, encoder_ms = single_thread_work(settings, sample, seconds=3.0)
     limit = 1000 / work_ms * cores
     print(f"images: {WIDTH}x{HEIGHT} JPEG q{QUALITY}, {size_kb:.0f} KB mean; model: tiny open_clip "
-          f"(224 px, random weights) on CPU")
+          f"(224 px, random weights) on CPU, {encoder_ms:.2f} CPU ms/img on one thread (batch 8, "
+          "uint8 in)")
     print(f"limit: single-thread decode+resize+crop+normalise {work_ms:.2f} CPU ms/img = "
           f"{1000 / work_ms:.1f} img/s on an idle core ({wall_rate:.1f} img/s by the wall clock "
           f"here) x {cores} cores = {limit:.0f} img/s")

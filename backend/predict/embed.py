@@ -2,15 +2,17 @@
 inference thread), reusing the store's embedding cache.
 
 Per request, in phases, so the store is read and written a fixed number of times whatever the
-number of images (once per group of up to `DECODED_PER_BATCH` encoder batches):
+number of images: reads once per encoder batch, writes once per group of up to
+`DECODED_PER_BATCH` encoder batches. Decoding and encoding overlap batch by batch:
 
 1. by reference: embeddings of images whose reference was checked within IMAGE_REF_TTL_S
    (`known_embeddings`: no download at all);
-2. fetch, hash, decode and preprocess every other reference (`_decode_all`): in the data
+2. fetch, hash, decode and preprocess every other reference (`_decoded_batches`): in the data
    plane's decode processes (uint8 pixels through shared memory, images/plane.py) unless
    DECODE_PROCESSES=0 or the model's preprocessing does not split; else fetched on the event
    loop and decoded in DECODE_THREADS threads;
-3. one read of the stored embeddings of those images' keys (same bytes, same model);
+3. per encoder batch of decoded images, one read of the stored embeddings of their keys
+   (same bytes, same model);
 4. encode the misses (the inference thread batches them, across requests too);
 5. one write: the new embeddings, and the references seen to hold each image.
 """
@@ -21,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -199,56 +201,90 @@ class Embedder:
 
     async def _embed_group(self, refs: Refs, ls: LabelStudioAccess | None,
                            priority: int) -> Embeddings:
-        """Phases 2-5 for up to one `Slots.capacity` of images."""
+        """Phases 2-5 for up to one `Slots.capacity` of images, pipelined by encoder batch:
+        as soon as a batch of images is decoded, one read finds those already stored and the
+        rest go to the encoder while the next batch decodes; one write at the end."""
         encoder = self.host.loaded()
         slots = self._slots(priority).group()
+        done: Embeddings = {}
+        hits: dict[str, Embedded] = {}
+        encoding: list[asyncio.Future[Embeddings]] = []
         try:
-            decoded = await self._decode_all(refs, ls, encoder, slots, priority)
-            images = {ref: d for ref, d in decoded.items() if isinstance(d, Decoded)}
-            done: Embeddings = {ref: e for ref, e in decoded.items()
-                                if isinstance(e, BaseException)}
-            slots.release(len(done))
-            del decoded
-            stored: dict[str, Vector] = await self.cached(
-                self.store.embeddings, list(dict.fromkeys(d.key for d in images.values()))) or {}
-            hits = self._hits(images, stored)
-            slots.release(len(hits))
-            encoded = await self._encode_misses(images, encoder, priority, slots)
+            async for decoded in self._decoded_batches(refs, ls, encoder, slots, priority):
+                images = {ref: d for ref, d in decoded.items() if isinstance(d, Decoded)}
+                failed = {ref: e for ref, e in decoded.items() if isinstance(e, BaseException)}
+                done.update(failed)
+                slots.release(len(failed))
+                stored: dict[str, Vector] = await self.cached(
+                    self.store.embeddings, list(dict.fromkeys(d.key for d in images.values()))
+                ) or {}
+                found = self._hits(images, stored)
+                slots.release(len(found))
+                hits.update(found)
+                encoding.append(asyncio.ensure_future(
+                    self._encode_misses(images, encoder, priority, slots)))
+            encoded: Embeddings = {}
+            for batch in await asyncio.gather(*encoding):
+                encoded.update(batch)
             await self._remember(hits, encoded)
             return {**done, **hits, **encoded}
         finally:
+            for job in encoding:
+                job.cancel()
             slots.release_all()
 
-    async def _decode_all(self, refs: Refs, ls: LabelStudioAccess | None, encoder: Encoder,
-                          slots: SlotGroup, priority: int) -> dict[str, Decoded | BaseException]:
+    async def _decoded_batches(self, refs: Refs, ls: LabelStudioAccess | None,
+                               encoder: Encoder, slots: SlotGroup, priority: int
+                               ) -> AsyncIterator[dict[str, Decoded | BaseException]]:
         """Phase 2: fetch, hash, decode and preprocess every reference, each once it has a
-        slot in `slots`: in the decode processes (uint8 pixels), or fetched on the event loop
-        and decoded in the decode pool (float tensors). An error (fetch refused, image
-        unreadable) is that reference's result."""
-        loop = asyncio.get_running_loop()
-        plane = self.plane(encoder)
+        slot in `slots`, yielded an encoder batch at a time (the last one may be smaller): in
+        the decode processes (uint8 pixels), or fetched on the event loop and decoded in the
+        decode pool (float tensors). An error (fetch refused, image unreadable) is that
+        reference's result."""
+        arrived: asyncio.Queue[tuple[str, Decoded | BaseException]] = asyncio.Queue()
+        jobs: list[asyncio.Future[None]] = []
 
-        async def one(ref: str, task_id: int | None) -> Decoded:
-            if plane is not None:
-                made = await plane.decode(ref, task_id, ls, background=priority == BACKGROUND)
-                pixels = made.pixels
-                return Decoded(made.key, pixels if isinstance(pixels, BaseException)
-                               else torch.from_numpy(pixels))
-            fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
-            return await loop.run_in_executor(self.decode_pool, self._decode, encoder, fetched)
+        async def one(ref: str, task_id: int | None) -> None:
+            try:
+                result: Decoded | BaseException = await self._decode_one(
+                    ref, task_id, ls, encoder, priority)
+            except Exception as exc:  # noqa: BLE001 - fails this reference only
+                result = exc
+            arrived.put_nowait((ref, result))
 
-        jobs: list[asyncio.Future[Decoded]] = []
-        try:
+        async def start_all() -> None:
             async with slots.taking:
                 for ref, task_id in refs.items():
                     await slots.take()
                     jobs.append(asyncio.ensure_future(one(ref, task_id)))
-        except BaseException:
+
+        starter = asyncio.ensure_future(start_all())
+        size, waiting = self.host.inference.max_batch, len(refs)
+        ready: dict[str, Decoded | BaseException] = {}
+        try:
+            while waiting:
+                ref, result = await arrived.get()
+                ready[ref], waiting = result, waiting - 1
+                if len(ready) >= size or not waiting:
+                    yield ready
+                    ready = {}
+            await starter
+        finally:
+            starter.cancel()
             for job in jobs:
                 job.cancel()
-            raise
-        done = await asyncio.gather(*jobs, return_exceptions=True)
-        return dict(zip(refs, done))
+
+    async def _decode_one(self, ref: str, task_id: int | None, ls: LabelStudioAccess | None,
+                          encoder: Encoder, priority: int) -> Decoded:
+        plane = self.plane(encoder)
+        if plane is not None:
+            made = await plane.decode(ref, task_id, ls, background=priority == BACKGROUND)
+            pixels = made.pixels
+            return Decoded(made.key, pixels if isinstance(pixels, BaseException)
+                           else torch.from_numpy(pixels))
+        fetched = await self.fetcher.fetch(ref, task_id=task_id, ls=ls)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_pool, self._decode, encoder, fetched)
 
     def _decode(self, encoder: Encoder, fetched: Fetched) -> Decoded:
         key = embedding_key(self.model, fetched.data)
