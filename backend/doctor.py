@@ -62,7 +62,8 @@ def run(out: TextIO, *, skip_model: bool = False) -> int:
 
 def _checks(settings: Settings, skip_model: bool) -> Iterable[Check]:
     steps: list[Callable[[Settings], Check]] = [check_model_dir, check_store,
-                                                check_label_studio, check_auth, check_workers]
+                                                check_label_studio, check_auth, check_workers,
+                                                check_decode_processes]
     for step in steps:
         yield step(settings)
     device = check_device(settings)
@@ -253,6 +254,41 @@ def check_auth(settings: Settings) -> Check:
 
 
 # --- device and model ------------------------------------------------------------------------
+def check_decode_processes(settings: Settings) -> Check:
+    """One decode process started and given one image: what /predict needs from this machine
+    (process spawning, shared memory in /dev/shm)."""
+    if settings.DECODE_PROCESSES == 0:
+        return Check("decoding", "SKIP", "DECODE_PROCESSES=0: images decode in threads")
+    try:
+        side = asyncio.run(_decode_once(settings))
+    except Exception as exc:  # noqa: BLE001 - whatever stops it, /predict would meet it too
+        return Check("decoding", "FAIL", f"{type(exc).__name__}: {exc}",
+                     "give the container shared memory (/dev/shm, e.g. Compose shm_size) and "
+                     "leave process spawning allowed, or set DECODE_PROCESSES=0")
+    return Check("decoding", "OK", f"a decode process started and decoded an image "
+                 f"({side}x{side} pixels through shared memory)")
+
+
+async def _decode_once(settings: Settings) -> int:
+    from .images.plane import DecodePlane
+
+    side = 16
+    plane = DecodePlane(settings, model="doctor", side=side, processes=1,
+                        steps=(("resize", (side, side), 2, None),))
+    try:
+        decoded = await asyncio.wait_for(plane.decode(_PIXEL, None, None), 60)
+    finally:
+        plane.close()
+    if isinstance(decoded.pixels, BaseException):
+        raise decoded.pixels
+    return int(decoded.pixels.shape[0])
+
+
+_PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGM4"
+          "wcUFAAJ6AN1nJ0J9AAAAAElFTkSuQmCC")
+"""A 1x1 PNG: decoding it needs no network."""
+
+
 def check_workers(settings: Settings) -> Check:
     """With PRELABEL_EXECUTOR=rq, jobs wait for `python -m backend worker` processes."""
     if settings.PRELABEL_EXECUTOR != "rq":

@@ -67,9 +67,19 @@ def test_a_healthy_deployment_passes_every_check(capsys, tiny_env, label_studio,
     status, checks, report = doctor(capsys)
     assert status == 0, report
     assert checks == {"settings": "OK", "model dir": "OK", "store": "OK", "label studio": "OK",
-                      "auth": "OK", "workers": "SKIP", "device": "OK", "model": "OK"}, report
+                      "auth": "OK", "workers": "SKIP", "decoding": "OK", "device": "OK",
+                      "model": "OK"}, report
     assert "admin@example.com" in report and "AOF on" in report
     assert "fix:" not in report
+
+
+def test_decode_processes_are_started_once_or_skipped_without_them(capsys, tiny_env,
+                                                                    monkeypatch):
+    _, checks, report = doctor(capsys, "--skip-model")
+    assert checks["decoding"] == "OK" and "through shared memory" in report, report
+    monkeypatch.setenv("DECODE_PROCESSES", "0")
+    _, checks, report = doctor(capsys, "--skip-model")
+    assert checks["decoding"] == "SKIP" and "DECODE_PROCESSES=0" in report, report
 
 
 def test_failing_checks_name_what_to_set_and_exit_1(capsys, tiny_env, monkeypatch):

@@ -60,6 +60,15 @@ class _Job:
     args: tuple[Any, ...]
     future: Future[Any] = field(default_factory=Future)
     batchable: bool = False
+    waiter: asyncio.Future[Any] | None = None
+    """A batch item's future, on its caller's event loop: a batch wakes each loop once, where
+    a concurrent Future per item would wake it once per item."""
+
+    def claim(self) -> bool:
+        """False if the caller gave up before the work started (it is skipped)."""
+        if self.waiter is not None:
+            return not self.waiter.cancelled()
+        return self.future.set_running_or_notify_cancel()
 
 
 _Entry = tuple[int, int, "_Job | None"]  # (priority, arrival, job); None stops the thread
@@ -104,9 +113,9 @@ class InferenceThread:
     async def encode(self, fn: BatchFn, item: torch.Tensor,
                      priority: int = FOREGROUND) -> torch.Tensor:
         """Run `fn` on `item` (one sample, no batch dim) inside a shared batch; return its row."""
-        job = _Job(fn, (item,), batchable=True)
-        self._put(priority, job)
-        return await asyncio.wrap_future(job.future)
+        waiter: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._put(priority, _Job(fn, (item,), batchable=True, waiter=waiter))
+        return await waiter
 
     @property
     def pending(self) -> int:
@@ -145,21 +154,19 @@ class InferenceThread:
         return batch
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        live = [job for job in batch if job.claim()]
         if not live:
             return
         try:
             out = live[0].fn(torch.stack([job.args[0] for job in live]))
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
             log.exception("inference batch of %d failed", len(live))
-            for job in live:
-                job.future.set_exception(exc)
+            _deliver_all([(job, None, exc) for job in live])
             return
         self.batches += 1
         self.items += len(live)
         metrics.INFERENCE_BATCH_SIZE.observe(len(live))
-        for row, job in zip(out, live):
-            job.future.set_result(row)
+        _deliver_all([(job, row, None) for row, job in zip(out, live)])
 
     @staticmethod
     def _run_call(job: _Job) -> None:
@@ -169,3 +176,38 @@ class InferenceThread:
             job.future.set_result(job.fn(*job.args))
         except BaseException as exc:  # noqa: BLE001
             job.future.set_exception(exc)
+
+
+_Outcome = tuple[_Job, Any, "BaseException | None"]
+
+
+def _deliver_all(outcomes: list[_Outcome]) -> None:
+    """Hand each batch item its row (or the batch's error): one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        waiter = outcome[0].waiter
+        if waiter is None:
+            _settle(outcome[0].future, outcome[1], outcome[2])
+        else:
+            by_loop.setdefault(waiter.get_loop(), []).append(outcome)
+    for loop, mine in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_waiters, mine)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_waiters(outcomes: list[_Outcome]) -> None:
+    for job, value, error in outcomes:
+        if job.waiter is not None and not job.waiter.done():
+            if error is None:
+                job.waiter.set_result(value)
+            else:
+                job.waiter.set_exception(error)
+
+
+def _settle(future: Future[Any], value: Any, error: BaseException | None) -> None:
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
