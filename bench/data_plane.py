@@ -17,7 +17,9 @@ the data plane: download, hash, decode, preprocess, store, scheduling. In one ru
             the image server and this client; their sum against the real work's CPU ms is
             the ratio an idle machine would reach (a CPU-bound figure other load does not skew);
   /health   p50/p99 latency, sampled every 20 ms from another process while /predict runs
-            flat out (target p99 < 100 ms).
+            flat out (target p99 < 100 ms);
+  reuse     image requests per HTTP connection, from nginx's access log (keep-alive measured,
+            not assumed).
 Images: 640x480 JPEGs (quality 90), distinct bytes in every run (each backend run also starts
 with an empty store), served by nginx (Debian's nginx-light, installed if missing) with a
 generated configuration; without nginx, by a Python server in its own process (with a warning:
@@ -123,7 +125,8 @@ pid {root}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    log_format reuse '$connection $connection_requests $request_uri';
+    access_log {root}/access.log reuse;
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -202,6 +205,22 @@ class ImageServer:
             except httpx.HTTPError:
                 time.sleep(0.05)
         raise RuntimeError("image server did not start")
+
+    def log_size(self) -> int:
+        log = self.root / "access.log"
+        return log.stat().st_size if log.exists() else 0
+
+    def requests_per_connection(self, start: int, marker: str) -> float | None:
+        """Image requests per TCP connection since `start` (nginx's access log: connection
+        serial numbers), for the URIs containing `marker`; None without nginx."""
+        log = self.root / "access.log"
+        if not log.exists():
+            return None
+        with log.open("rb") as handle:
+            handle.seek(start)
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+        connections = [line.split()[0] for line in lines if marker in line]
+        return len(connections) / len(set(connections)) if connections else None
 
     def pids(self) -> list[int]:
         return [self.process.pid, *children(self.process.pid)]
@@ -402,6 +421,7 @@ class Run:
     after: CpuSnapshot
     health: list[float]
     decode_processes: float | None
+    requests_per_connection: float | None = None
 
     @property
     def rate(self) -> float:
@@ -437,6 +457,7 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
     refs = [f"{images.url}/{path}" for path in paths]
     per = args.tasks_per_request
     batches = [refs[i:i + per] for i in range(0, len(refs), per)]
+    log_start = images.log_size()
     with BackendProcess(env, work / f"backend-{slug}.log") as backend:
         asyncio.run(drive(backend.url, [[f"{images.url}/{p}" for p in warm]], 1, 600))
         with HealthSampler(backend.url) as health, profiled(backend.pid, label, args.py_spy):
@@ -450,7 +471,8 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
     if len(batches) * per <= load.images + sum(load.failures.values()):
         print(f"  note: run {label} used all {args.images} images within {args.seconds:.0f} s "
               "(more --images make a longer run)", flush=True)
-    return Run(label, load, before, after, latencies, alive)
+    return Run(label, load, before, after, latencies, alive,
+               images.requests_per_connection(log_start, f"/{slug}/"))
 
 
 @contextlib.contextmanager
@@ -507,7 +529,8 @@ def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
         failures = f", failures {top}" if top else ""
         print(f"  {run.label}: {run.load.images} images in {run.load.wall_s:.1f} s, "
               f"{run.load.requests} requests, {len(run.health)} /health samples, decode "
-              f"processes alive at the end: {run.decode_processes}{failures}")
+              f"processes alive at the end: {run.decode_processes}, image requests per "
+              f"connection: {_reuse(run.requests_per_connection)}{failures}")
     by_label = {run.label: run for run in runs}
     one, two = by_label.get("1"), by_label.get("2")
     if one and two and one.rate:
@@ -519,6 +542,10 @@ def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
               f"{total:.2f} ms/img in all processes = {work_ms / total:.2f} x the real work's "
               f"{work_ms:.2f} (the ratio an idle machine would reach, if CPU-bound); /health p99 "
               f"{1000 * percentile(run.health, 99):.1f} ms (target < 100)")
+
+
+def _reuse(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def run_labels(processes: list[int]) -> list[tuple[str, int | None]]:
