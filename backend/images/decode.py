@@ -38,7 +38,7 @@ REDUCE_MARGIN = 2
 """Images are reduced while their shorter side stays at least this many times `draft_size`,
 so the model's own (bicubic) resize still has pixels to work with."""
 
-# Pillow warns about images between MAX_IMAGE_PIXELS and twice that; _check_pixels refuses
+# Pillow warns about images between MAX_IMAGE_PIXELS and twice that; check_pixels refuses
 # them with a clearer message, so the warning is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -56,12 +56,12 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None,
     """
     if not data:
         raise DecodeError("the image is empty (0 bytes)")
-    image = _open(data, max_pixels, content_type, formats)
-    _check_pixels(image, max_pixels)
+    image = open_image(data, max_pixels, content_type, formats)
+    check_pixels(image, max_pixels)
     if draft_size and isinstance(image, _JPEG):
         image.draft(None, (draft_size, draft_size))  # DCT-domain downscale, mode and size too
     if max_bytes is not None:
-        _check_bytes(image, max_bytes)
+        check_bytes(image, max_bytes)
     try:
         image.load()
         orientation = image.getexif().get(0x0112)
@@ -71,8 +71,9 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None,
         raise DecodeError(f"corrupt or truncated {image.format or 'image'} data ({exc})") from None
 
 
-def _open(data: bytes, max_pixels: int, content_type: str | None,
-          formats: Sequence[str] | None) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, content_type: str | None,
+               formats: Sequence[str] | None) -> Image.Image:
+    """The image's header read (no pixels yet), in one of `formats`; DecodeError otherwise."""
     # Pillow refuses images over twice this before reading any pixel; keep it at our limit.
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -83,7 +84,8 @@ def _open(data: bytes, max_pixels: int, content_type: str | None,
         raise DecodeError(_not_an_image(data, content_type, formats)) from None
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+def check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image of more than `max_pixels` (MAX_IMAGE_PIXELS), from its header."""
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(
@@ -101,7 +103,8 @@ def pixel_bytes(mode: str) -> int:
     return 2 if mode.startswith("I;16") else 4
 
 
-def _check_bytes(image: Image.Image, max_bytes: int) -> None:
+def check_bytes(image: Image.Image, max_bytes: int) -> None:
+    """Refuse an image whose decoded pixels would take more than `max_bytes`."""
     width, height = image.size
     needed = width * height * pixel_bytes(image.mode)
     if needed > max_bytes:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DecodeError
-from .decode import _check_bytes, _check_pixels, _open, decode_image
+from .decode import check_bytes, check_pixels, decode_image, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -95,12 +95,12 @@ def _nvjpeg_orientation(data: bytes, max_pixels: int, max_bytes: int | None,
     if formats and "JPEG" not in formats:
         return None
     try:
-        header = _open(data, max_pixels, None, ["JPEG"])
+        header = open_image(data, max_pixels, None, ["JPEG"])
         if header.format != "JPEG" or header.mode not in NVJPEG_MODES:
             return None
-        _check_pixels(header, max_pixels)
+        check_pixels(header, max_pixels)
         if max_bytes is not None:
-            _check_bytes(header, max_bytes)  # whole: nvJPEG has no draft
+            check_bytes(header, max_bytes)  # whole: nvJPEG has no draft
         orientation = header.getexif().get(0x0112, 1)
     except Exception:  # a cap, or a header Pillow cannot read: the CPU path says why
         return None
