@@ -18,8 +18,8 @@ VENV=${VENV:-.venv}
 # PyJWT 2.13.0: the 13 advisories PYSEC-2026-4140…4152, fixed in 2.14.0. label-studio-sdk
 # 2.1.2, the latest, requires pyjwt<2.14: pyjwt>=2.14 resolves only by downgrading the SDK to
 # 2.1.0. And none can reach this backend: it never calls PyJWT (it reads the expiry of Label
-# Studio's token itself, backend/labelstudio.py) and uses the SDK only to parse label configs
-# (backend/labels.py), never its token client.
+# Studio's token itself, backend/labelstudio/client.py) and uses the SDK only to parse label configs
+# (backend/labelstudio/label_config.py), never its token client.
 IGNORE=(
   GHSA-r6x4-923q-g947  # HMAC key validation: we never verify signatures with HMAC keys
   GHSA-ffc3-869f-jxw9  # HMAC key validation: idem

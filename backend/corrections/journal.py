@@ -9,7 +9,7 @@ repeat: every entry carries an idempotency key, so an entry applied just before 
 applied twice.
 
 A spooled line the store can never apply (a malformed entry) is set aside as a dead letter
-(store/dead_letters.py) with its reason, so it blocks no later entry; a store that is down or
+(corrections/dead_letters.py) with its reason, so it blocks no later entry; a store that is down or
 refuses writes (StoreUnavailable: Redis unreachable, OOM, MISCONF, READONLY, LOADING) keeps
 the line spooled and is retried with backoff. The replay thread is supervised: if it crashes
 it is logged, counted (`backend_spool_replay_restarts_total`) and started again.

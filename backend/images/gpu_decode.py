@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import DecodeError
 from .decode import check_bytes, check_pixels, decode_image, open_image
+from .steps import apply_steps, shortest_side_steps
 
 if TYPE_CHECKING:
     import torch
@@ -162,15 +163,12 @@ def fit(tensor: torch.Tensor, size: int) -> torch.Tensor:
 def cpu_pixels(data: bytes, *, size: int, max_pixels: int, max_bytes: int | None = None,
                formats: Sequence[str] | None = None,
                content_type: str | None = None) -> torch.Tensor:
-    """The CPU path: images.decode (draft, EXIF, any mode to RGB) then the same resize and crop
-    in Pillow as open_clip's preprocess; (3, size, size) uint8 on the CPU. Raises DecodeError."""
+    """The CPU path: images.decode (draft, EXIF, any mode to RGB) then open_clip's resize and
+    crop as the decode processes apply them (images.steps); (3, size, size) uint8 on the CPU.
+    Raises DecodeError."""
     import torch
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
 
     image = decode_image(data, max_pixels=max_pixels, draft_size=size, content_type=content_type,
                          max_bytes=max_bytes, formats=formats)
-    resized = F.resize(image, [size], interpolation=InterpolationMode.BICUBIC)
-    cropped = F.center_crop(resized, [size, size])
-    array = np.asarray(cropped, dtype=np.uint8)
+    array = np.asarray(apply_steps(image, shortest_side_steps(size)), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

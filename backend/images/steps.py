@@ -36,6 +36,12 @@ def apply_steps(image: Image.Image, steps: Sequence[Step]) -> Image.Image:
     return image
 
 
+def shortest_side_steps(side: int) -> Steps:
+    """open_clip's usual preprocessing: the shorter side resized to `side` (bicubic), then the
+    centre cropped to side x side."""
+    return (("resize", (side,), Image.Resampling.BICUBIC, None), ("center_crop", (side, side)))
+
+
 def output_side(steps: Sequence[Step]) -> int | None:
     """The square side every image has after `steps`, or None if the size varies."""
     for step in reversed(steps):

@@ -15,7 +15,7 @@ from .schemas import PrelabelRequest
 
 
 def add_prelabel_routes(app: FastAPI, jobs: Prelabeler, settings: Settings) -> None:
-    """Whole-project pre-labeling: started here, worked in the background (prelabel.py)."""
+    """Whole-project pre-labeling: started here, worked in the background (jobs/prelabel.py)."""
 
     @app.post("/prelabel", status_code=202)
     async def start_prelabel(body: PrelabelRequest) -> dict[str, Any]:
