@@ -97,7 +97,7 @@ class ImageFetcher:
         if not isinstance(ref, str) or not ref.strip():
             raise ImageRefused("the task's image field is empty or not a string")
         ref = ref.strip()
-        if ref.startswith("data:"):
+        if is_data_uri(ref):
             return self._inline(ref)
         async with self._limit:
             try:
@@ -216,6 +216,12 @@ class ImageFetcher:
         finally:
             await response.aclose()
         return Fetched(b"".join(chunks), response.headers.get("content-type"), _safe(url))
+
+
+def is_data_uri(ref: str) -> bool:
+    """Whether `ref` carries its image inline (a data: URI): nothing to download, and no URL
+    to remember."""
+    return ref.lstrip().startswith("data:")
 
 
 def _check_status(response: httpx.Response, url: str) -> None:

@@ -74,6 +74,8 @@ class Decoded:
 class _Job:
     id: int
     message: tuple[Any, ...]
+    """(image reference, task id, Label Studio URL, token): the job as plane_process.Job
+    without its id and slot."""
     background: bool
     future: asyncio.Future[Decoded]
     slot: int = -1
@@ -135,8 +137,8 @@ class DecodePlane:
         self._start()
         loop = asyncio.get_running_loop()
         job_id = next(self._ids)
-        job = _Job(job_id, (job_id, -1, ref, task_id, ls.url if ls else None,
-                            ls.token if ls else None), background, loop.create_future())
+        job = _Job(job_id, (ref, task_id, ls.url if ls else None, ls.token if ls else None),
+                   background, loop.create_future())
         (self._waiting_background if background else self._waiting).append(job)
         self._dispatch()
         return await job.future
@@ -213,8 +215,7 @@ class DecodePlane:
     def _forget(self, worker: _Process) -> None:
         """Stop watching the worker's pipe and sentinel."""
         if self._loop is not None and not self._loop.is_closed():
-            if worker.conn is not None and not worker.conn.closed:
-                self._loop.remove_reader(worker.conn.fileno())
+            self._forget_pipe(worker)
             if worker.process is not None:
                 self._loop.remove_reader(worker.process.sentinel)
 
@@ -266,16 +267,14 @@ class DecodePlane:
 
     def _fail_waiting(self, error: BaseException) -> None:
         for job in (*self._waiting, *self._waiting_background):
-            if not job.future.done() and not job.future.get_loop().is_closed():
-                job.future.set_exception(error)
+            _fail_job(job, error)
         self._waiting.clear()
         self._waiting_background.clear()
 
     def _fail(self, worker: _Process, error: BaseException) -> None:
         for job in worker.jobs.values():
             self._release(worker, job)
-            if not job.future.done() and not job.future.get_loop().is_closed():
-                job.future.set_exception(error)
+            _fail_job(job, error)
         worker.jobs.clear()
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ class DecodePlane:
         worker.jobs[job.id] = job
         self._background_running += job.background
         try:
-            worker.conn.send((job.id, job.slot, *job.message[2:]))
+            worker.conn.send((job.id, job.slot, *job.message))
         except OSError:
             pass  # it died: its sentinel fails the job
 
@@ -350,6 +349,12 @@ class DecodePlane:
             job.future.set_result(result)
         else:
             job.future.set_exception(result)
+
+
+def _fail_job(job: _Job, error: BaseException) -> None:
+    """Fail a job whose request still waits (not done, its event loop still open)."""
+    if not job.future.done() and not job.future.get_loop().is_closed():
+        job.future.set_exception(error)
 
 
 def _count_cpu(cpu: dict[str, float]) -> None:

@@ -38,7 +38,7 @@ from ..labelstudio.client import LabelStudioAccess
 from ..lru import LRU
 from ..store.base import embedding_key
 from .decode import decode_image
-from .fetch import ImageFetcher
+from .fetch import ImageFetcher, is_data_uri
 from .steps import Steps, apply_steps
 
 Job = tuple[int, int, str, "int | None", "str | None", "str | None"]
@@ -143,7 +143,7 @@ class Worker:
             reply = ("error", job_id, type(exc).__name__, str(exc), key)
         except Exception as exc:  # noqa: BLE001 - a bug in one image's path fails that image
             reply = ("error", job_id, type(exc).__name__, f"{exc} (in a decode process)", key)
-        downloaded = fetched is not None and not ref.lstrip().startswith("data:")
+        downloaded = fetched is not None and not is_data_uri(ref)
         self._send((*reply, downloaded, self._fetch_cpu(cpu)))
 
     def _write(self, slot: int, image: Any) -> tuple[int, int]:

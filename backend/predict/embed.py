@@ -35,7 +35,7 @@ from ..config import Settings
 from ..corrections.journal import Journal
 from ..errors import BackendError, ImageRefused, StoreUnavailable, TaskError
 from ..images.decode import decode_image
-from ..images.fetch import Fetched, ImageFetcher
+from ..images.fetch import Fetched, ImageFetcher, is_data_uri
 from ..images.plane import DecodePlane, plane_processes
 from ..labelstudio.client import LabelStudioAccess, ProjectId
 from ..labelstudio.label_config import LabelSpace
@@ -384,10 +384,6 @@ class Embedder:
             await self.embed(ref, task_id, ls)
         except BackendError as exc:
             log.warning("task %s: could not embed the corrected image: %s", task_id, exc)
-
-
-def is_data_uri(ref: str) -> bool:
-    return ref.lstrip().startswith("data:")
 
 
 def task_id(task: Task) -> int | None:
