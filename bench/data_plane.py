@@ -50,7 +50,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from backend.config import Settings, load_settings  # noqa: E402
 from backend.images.decode import decode_image  # noqa: E402
+from bench.predict_throughput import photo_like  # noqa: E402
 from tests.support.backend_process import BackendProcess  # noqa: E402
 from tests.support.redis_server import free_port  # noqa: E402
 from tests.support.tiny_models import TINY_CLIP  # noqa: E402
@@ -85,15 +86,7 @@ def picture(seed: int) -> bytes:
     quality 90 as camera photos of that size are (smooth shapes alone compress to 22 KB and
     decode faster than photos)."""
     rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 1, WIDTH, dtype=np.float32)[None, :, None]
-    base = (rng.uniform(40, 200, 3) * (0.6 + 0.4 * ramp)).astype(np.float32)
-    image = Image.fromarray(np.broadcast_to(base, (HEIGHT, WIDTH, 3)).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(12):
-        x, y = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))
-        r = int(rng.integers(WIDTH // 20, WIDTH // 5))
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    image = photo_like(WIDTH, HEIGHT, rng)
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, NOISE, (HEIGHT, WIDTH, 3))
     buffer = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=QUALITY)

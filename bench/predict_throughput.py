@@ -56,7 +56,13 @@ def photo_like_jpeg(megapixels: float, seed: int) -> bytes:
     """Smooth gradients and shapes: compresses like a photo, unlike noise."""
     width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
     height = int(width * 3 / 4)
-    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    photo_like(width, height, np.random.default_rng(seed)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A horizontal colour gradient under 12 filled circles, drawn from `rng`."""
     ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
     base = (rng.uniform(40, 200, 3) * (0.6 + 0.4 * ramp)).astype(np.float32)
     image = Image.fromarray(np.broadcast_to(base, (height, width, 3)).astype(np.uint8))
@@ -66,9 +72,7 @@ def photo_like_jpeg(megapixels: float, seed: int) -> bytes:
         r = int(rng.integers(width // 20, width // 5))
         colour = tuple(int(v) for v in rng.integers(0, 255, 3))
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return image
 
 
 def encoder_only(model, images: list[bytes], batch: int) -> float:
