@@ -153,15 +153,12 @@ def _annotator(value: Any) -> int | None:
 def attach_embeddings(rows: Sequence[Row], store: Store, model_label: str | None) -> Matrix:
     """Set each row's `has_embedding`; return the (rows, dim) float32 matrix, NaN rows where
     missing. `model_label` is the embedding model's identity, the part of embedding keys before
-    "|" (`ZeroShotModel.embedding_model`). A row's vector: its `embedding_key` if it is that
+    "|" (`Backend.embedding_model`). A row's vector: its `embedding_key` if it is that
     model's (any key without a `model_label`), else the one the store has for the row's image."""
-    vectors: dict[str, Vector | None] = {}
-    found = []
-    for row in rows:
-        key = model_embedding_key(store, row["embedding_key"], row["image_ref"], model_label)
-        if key is not None and key not in vectors:
-            vectors[key] = store.get_embedding(key)
-        found.append(vectors.get(key) if key is not None else None)
+    keys = [model_embedding_key(store, row["embedding_key"], row["image_ref"], model_label)
+            for row in rows]
+    vectors = store.embeddings([key for key in keys if key is not None])  # one round trip
+    found = [vectors.get(key) if key is not None else None for key in keys]
     matrix = np.full((len(rows), _dimension(found)), np.nan, dtype=np.float32)
     for index, (row, vector) in enumerate(zip(rows, found)):
         row["has_embedding"] = vector is not None

@@ -42,15 +42,6 @@ def shortest_side_steps(side: int) -> Steps:
     return (("resize", (side,), Image.Resampling.BICUBIC, None), ("center_crop", (side, side)))
 
 
-def output_side(steps: Sequence[Step]) -> int | None:
-    """The square side every image has after `steps`, or None if the size varies."""
-    for step in reversed(steps):
-        if step[0] == "center_crop" or step[0] == "resize" and len(step[1]) == 2:
-            height, width = step[1]
-            return int(height) if height == width else None
-    return None
-
-
 def _resize(image: Image.Image, size: Sequence[int], resample: int,
             max_size: int | None) -> Image.Image:
     """torchvision.transforms.functional.resize on a PIL image."""
