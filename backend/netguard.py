@@ -16,14 +16,18 @@ private addresses but never cloud metadata or link-local ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .errors import ImageRefused
 
@@ -151,18 +155,81 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
 
 async def _resolve(host: str, port: int, timeout: float | None) -> list[Address]:
     try:
-        literal = ipaddress.ip_address(host.strip("[]"))
-        return [literal]
+        return await addresses(host, port, timeout)
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from None
+
+
+def literal_address(host: str) -> Address | None:
+    """`host` as an IP address if it is one (`[::1]` too), else None (a name)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        pass
+        return None
+
+
+async def addresses(host: str, port: int, timeout: float | None) -> list[Address]:
+    """Every address `host` resolves to (itself if it is an IP address). OSError (a
+    socket.gaierror) if it does not resolve in `timeout` seconds."""
+    literal = literal_address(host)
+    if literal is not None:
+        return [literal]
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+    except asyncio.TimeoutError:
+        raise socket.gaierror(socket.EAI_AGAIN, f"cannot resolve {host}: timed out") from None
+    except OSError as exc:
+        raise socket.gaierror(socket.EAI_NONAME, f"cannot resolve {host}: {exc}") from None
     unique = dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
     return list(unique)
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's name resolution with the policy applied to every address a name resolves
+    to: aiohttp connects only to the addresses returned here. aiohttp does not ask the
+    resolver about IP-address hosts, so whoever sends the request checks those with
+    `check_literal` (images.fetch does, for every redirect hop)."""
+
+    def __init__(self, policy: AddressPolicy, timeout: float | None) -> None:
+        self.policy = policy
+        self.timeout = timeout
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await addresses(host, port, self.timeout)
+        for address in found:
+            self.policy.check(host, address)  # every address: no partial trust
+        return [ResolveResult(hostname=host, host=str(address), port=port,
+                              family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                              proto=0, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+                for address in found]
+
+    async def close(self) -> None:
+        pass
+
+    def check_literal(self, host: str) -> None:
+        """ImageRefused if `host` is an IP address the policy refuses; nothing for names."""
+        literal = literal_address(host)
+        if literal is not None:
+            self.policy.check(host, literal)
+
+
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS settings (certifi's CAs; SSL_CERT_FILE/SSL_CERT_DIR when set, for
+    a Label Studio or storage behind a private CA), made once: loading the CAs takes time."""
+    return httpx.create_ssl_context(trust_env=True)
+
+
+def guarded_connector(resolver: GuardedResolver, *, limit: int,
+                      ssl_context: ssl.SSLContext) -> aiohttp.TCPConnector:
+    """An aiohttp connector that connects only where `resolver`'s policy allows (for names;
+    IP-address hosts are the sender's to check, see GuardedResolver). No proxy: aiohttp uses
+    none unless a request names one."""
+    return aiohttp.TCPConnector(resolver=resolver, limit=limit, limit_per_host=limit,
+                                ssl=ssl_context)
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
@@ -174,7 +241,7 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         super().__init__(limits=limits, trust_env=False)
         # httpx has no public hook for the network backend: rebuild its pool with ours.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=True),
+            ssl_context=ssl_context(),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

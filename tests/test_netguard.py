@@ -95,6 +95,19 @@ def test_only_the_allowed_loopback_address_is_reached(allowed_server):
     assert allowed_server.requests and len(allowed_server.requests) == 1
 
 
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.0.0.1", "017700000001",
+                                  "[::ffff:127.0.0.1]", "127.0.0.1.", "[::1]"])
+def test_other_spellings_of_loopback_never_reach_it(host):
+    """Numeric forms a resolver maps onto 127.0.0.1, IPv4-mapped IPv6, a trailing dot: each
+    is refused before a connection is made (aiohttp never asks the resolver about IP hosts,
+    so the fetcher checks those itself)."""
+    with LoopbackServer("127.0.0.1") as server:
+        server.add("/a.png", Route(b"secret"))
+        with pytest.raises((ImageRefused, FetchError)):  # refused, or (here) no lookup allowed
+            fetch(f"http://{host}:{server.port}/a.png", "127.0.0.3")
+        assert not server.requests
+
+
 def test_every_redirect_hop_is_checked(allowed_server):
     target = f"http://127.0.0.2:{allowed_server.port}/a.png"
     allowed_server.add("/hop", Route(status=302, headers={"Location": target}))
