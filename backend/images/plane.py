@@ -13,10 +13,13 @@ per-image work but reading a small reply.
 - Depth: each process has FETCH_CONCURRENCY slots (at least `MIN_SLOTS`), whatever the number
   of processes: its own fetcher allows that many downloads, and fewer jobs in flight leave a
   process idle while it waits for the network (2 processes sharing 16 slots kept 1.6 of 2
-  cores busy). The arenas live in /dev/shm, a tmpfs: one bigger than its free space is created
-  all the same (sparse) and the process writing past it dies of SIGBUS, so `plan_arenas`
-  fits them into `SHM_SHARE` of its free space first, with fewer slots and a warning if
-  need be, or refuses to start (Docker gives a container 64 MB unless told `--shm-size`).
+  cores busy). Requests' images in flight are bounded upstream too (predict/embed.py: 4
+  encoder batches, 32 on a CPU, 256 on a GPU), so spare slots cost shared memory only.
+- Shared memory: the arenas live in /dev/shm, a tmpfs, where one bigger than the free space is
+  created all the same (sparse) and the process writing past it dies of SIGBUS. So
+  `plan_arenas` fits them into `SHM_SHARE` of its free space first: fewer slots and a warning
+  if need be, or a DecodeError naming the fix if not even MIN_SLOTS fit (Docker gives a
+  container 64 MB unless told `--shm-size`).
 - Supervision: replies and deaths are read with `loop.add_reader` on each pipe and process
   sentinel (no threads). A process that dies fails only the jobs it held, with a reason, and
   is restarted; `backend_decode_processes`, `backend_decode_process_restarts_total`.
