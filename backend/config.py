@@ -87,7 +87,13 @@ class Settings(BaseSettings):
     )
 
     # --- images ----------------------------------------------------------------------------
-    FETCH_CONCURRENCY: int = Field(16, ge=1, le=256, description="Image downloads in flight.")
+    FETCH_CONCURRENCY: int = Field(
+        16, ge=1, le=256,
+        description="Image downloads in flight: in the server, and in each decode process "
+        "(DECODE_PROCESSES), which holds that many images' pixels in shared memory (/dev/shm): "
+        "processes x FETCH_CONCURRENCY x side x side x 3 bytes, 6.75 MiB per process at 384 px. "
+        "Fewer if /dev/shm is too small for that (a warning names the fix; Docker: --shm-size).",
+    )
     FETCH_TIMEOUT_S: float = Field(
         20.0, gt=0, description="Total time allowed to download one image, in seconds."
     )

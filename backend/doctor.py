@@ -9,6 +9,9 @@ check failed, else 0 (warnings alone do not fail).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -256,7 +259,8 @@ def check_auth(settings: Settings) -> Check:
 # --- device and model ------------------------------------------------------------------------
 def check_decode_processes(settings: Settings) -> Check:
     """One decode process started and given one image: what /predict needs from this machine
-    (process spawning, shared memory in /dev/shm)."""
+    (process spawning, shared memory in /dev/shm); and whether the shared memory the server's
+    decode processes plan (their arenas) fits in /dev/shm's free space."""
     if settings.DECODE_PROCESSES == 0:
         return Check("decoding", "SKIP", "DECODE_PROCESSES=0: images decode in threads")
     try:
@@ -265,8 +269,59 @@ def check_decode_processes(settings: Settings) -> Check:
         return Check("decoding", "FAIL", f"{type(exc).__name__}: {exc}",
                      "give the container shared memory (/dev/shm, e.g. Compose shm_size) and "
                      "leave process spawning allowed, or set DECODE_PROCESSES=0")
-    return Check("decoding", "OK", f"a decode process started and decoded an image "
-                 f"({side}x{side} pixels through shared memory)")
+    decoded = f"a decode process decoded an image ({side}x{side} pixels through shared memory)"
+    return _arena_check(settings, decoded)
+
+
+def _arena_check(settings: Settings, decoded: str) -> Check:
+    """The server's arenas (every server process's, at the model's input side) against the free
+    space in /dev/shm: WARN when the server will use fewer slots than FETCH_CONCURRENCY, FAIL
+    when it cannot start its decode processes at all."""
+    from .images import plane
+
+    side, assumed = _model_side(settings)
+    per_server = plane.plane_processes(settings, os.cpu_count())
+    arenas = plane.plan_arenas(settings, per_server * settings.WORKERS, side,
+                               plane.shm_free_bytes())
+    notes = [f"WORKERS={settings.WORKERS} x {per_server}"] if settings.WORKERS > 1 else []
+    notes += [f"assuming {side} px until the model loads"] if assumed else []
+    planned = f"shared-memory arenas: {arenas.describe()}"
+    planned += f" ({'; '.join(notes)})" if notes else ""
+    if not arenas.fits:
+        return Check("decoding", "FAIL", f"{decoded}, but {arenas.shortage()}, even at "
+                     f"{plane.MIN_SLOTS} slots per process",
+                     f"{plane.SHM_FIX}, or set DECODE_PROCESSES=0")
+    if arenas.reduced:
+        return Check("decoding", "WARN", f"{decoded}, but {arenas.shortage()}: the server will "
+                     f"use {arenas.slots} slots per process instead of {arenas.wanted}; "
+                     f"{planned}", plane.SHM_FIX)
+    return Check("decoding", "OK", f"{decoded}; {planned}")
+
+
+DEFAULT_SIDE = 384
+"""The input side assumed when it is not known without loading the model (hf-hub: and
+local-dir: models): the largest of the common CLIP and SigLIP models."""
+
+
+def _model_side(settings: Settings) -> tuple[int, bool]:
+    """The model's input side from its open_clip config, read without importing open_clip
+    (seconds); (DEFAULT_SIDE, True) when it cannot be."""
+    from .zeroshot.encoder import ModelSpec
+
+    spec = ModelSpec.from_settings(settings)
+    path = spec.config_path
+    if path is None and not spec.has_schema:
+        found = importlib.util.find_spec("open_clip")
+        if found is not None and found.submodule_search_locations:
+            path = Path(list(found.submodule_search_locations)[0]) / "model_configs" / (
+                f"{spec.name}.json")
+    if path is None:
+        return DEFAULT_SIDE, True
+    try:
+        size = json.loads(path.read_text())["vision_cfg"]["image_size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size), False
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return DEFAULT_SIDE, True
 
 
 async def _decode_once(settings: Settings) -> int:

@@ -331,6 +331,24 @@ def test_worker_services_run_the_worker_command_and_gpu_workers_reserve_a_gpu():
     assert device["count"] == 1 and device["capabilities"] == ["gpu"]
 
 
+def byte_size(value: str | int) -> int:
+    """A compose byte value: 1073741824, "1gb", "512m", ..."""
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(value).strip().lower())
+    assert match, value
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2) or " ")
+
+
+def test_backends_get_shared_memory_for_16_decode_processes_at_384_px():
+    from backend.images.plane import SHM_SHARE, plan_arenas
+
+    # Docker's default /dev/shm (64 MB) would cut a 16-core machine's slots to a quarter
+    needed = plan_arenas(load_settings(), 16, 384, None).wanted_bytes / SHM_SHARE
+    services = compose()["services"]
+    for name in BACKENDS:
+        assert byte_size(services[name]["shm_size"]) >= needed, name
+    assert byte_size("1gb") == 2**30 and byte_size(67108864) == 64 * 2**20
+
+
 # --- health check ----------------------------------------------------------------------------
 def healthcheck(port: int, **env: str) -> int:
     environment = {**os.environ, "PORT": str(port), **env}

@@ -75,11 +75,46 @@ def test_a_healthy_deployment_passes_every_check(capsys, tiny_env, label_studio,
 
 def test_decode_processes_are_started_once_or_skipped_without_them(capsys, tiny_env,
                                                                     monkeypatch):
+    monkeypatch.setenv("DECODE_PROCESSES", "2")
     _, checks, report = doctor(capsys, "--skip-model")
     assert checks["decoding"] == "OK" and "through shared memory" in report, report
+    # the server's arenas, at the tiny model's 32 px: 2 x 16 x 32 x 32 x 3 bytes
+    assert "arenas: 2 processes x 16 slots of 32x32 px = 0.1 MiB" in report, report
+    if Path("/dev/shm").is_dir():
+        assert "free in /dev/shm" in report, report
     monkeypatch.setenv("DECODE_PROCESSES", "0")
     _, checks, report = doctor(capsys, "--skip-model")
     assert checks["decoding"] == "SKIP" and "DECODE_PROCESSES=0" in report, report
+
+
+def test_the_decoding_check_warns_when_the_arenas_would_not_fit_in_dev_shm(capsys, tiny_env,
+                                                                         monkeypatch):
+    from backend.images import plane
+
+    slot = 32 * 32 * 3
+    monkeypatch.setenv("DECODE_PROCESSES", "2")
+    monkeypatch.setenv("WORKERS", "2")  # each server process has its own decode processes
+    monkeypatch.setattr(plane, "shm_free_bytes", lambda: 2 * 4 * 8 * slot)
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert status == 0 and checks["decoding"] == "WARN", report
+    assert "4 processes x 16 slots (FETCH_CONCURRENCY)" in report, report
+    assert "8 slots per process instead of 16" in report and "WORKERS=2 x 2" in report, report
+    fix = fix_under(report, "decoding")
+    assert "--shm-size" in fix and "shm_size" in fix and "FETCH_CONCURRENCY" in fix
+
+    monkeypatch.setattr(plane, "shm_free_bytes", lambda: 2 * 4 * plane.MIN_SLOTS * slot - 1)
+    status, checks, report = doctor(capsys, "--skip-model")
+    assert status == 1 and checks["decoding"] == "FAIL", report
+    assert "DECODE_PROCESSES=0" in fix_under(report, "decoding")
+
+
+def test_the_arena_side_is_the_model_s_or_an_assumed_384_px():
+    from backend.config import load_settings
+    from backend.doctor import DEFAULT_SIDE, _model_side
+
+    assert _model_side(load_settings(MODEL_NAME="ViT-B-16-SigLIP")) == (224, False)
+    assert _model_side(load_settings(MODEL_NAME="ViT-B-16-SigLIP-384")) == (384, False)
+    assert _model_side(load_settings(MODEL_NAME="hf-hub:org/model")) == (DEFAULT_SIDE, True)
 
 
 def test_failing_checks_name_what_to_set_and_exit_1(capsys, tiny_env, monkeypatch):

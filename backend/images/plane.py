@@ -10,6 +10,16 @@ per-image work but reading a small reply.
 - Back-pressure: a job holds a slot from dispatch to reply; jobs beyond the free slots wait in
   the main process, requests' ahead of background work, which may hold at most
   `BACKGROUND_SHARE` of the slots.
+- Depth: each process has FETCH_CONCURRENCY slots (at least `MIN_SLOTS`), whatever the number
+  of processes: its own fetcher allows that many downloads, and fewer jobs in flight leave a
+  process idle while it waits for the network (2 processes sharing 16 slots kept 1.6 of 2
+  cores busy). Requests' images in flight are bounded upstream too (predict/embed.py: 4
+  encoder batches, 32 on a CPU, 256 on a GPU), so spare slots cost shared memory only.
+- Shared memory: the arenas live in /dev/shm, a tmpfs, where one bigger than the free space is
+  created all the same (sparse) and the process writing past it dies of SIGBUS. So
+  `plan_arenas` fits them into `SHM_SHARE` of its free space first: fewer slots and a warning
+  if need be, or a DecodeError naming the fix if not even MIN_SLOTS fit (Docker gives a
+  container 64 MB unless told `--shm-size`).
 - Supervision: replies and deaths are read with `loop.add_reader` on each pipe and process
   sentinel (no threads). A process that dies fails only the jobs it held, with a reason, and
   is restarted; `backend_decode_processes`, `backend_decode_process_restarts_total`.
@@ -23,8 +33,8 @@ import asyncio
 import builtins
 import itertools
 import logging
-import math
 import multiprocessing
+import os
 import signal
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +60,13 @@ BACKGROUND_SHARE = 0.5
 """Most of the slots background (pre-label) work may hold: requests always find some."""
 MIN_SLOTS = 2
 """Jobs per process at least: one downloading while another decodes."""
+SHM_DIR = "/dev/shm"
+"""Where Linux keeps shared memory (a tmpfs); its free space bounds the arenas."""
+SHM_SHARE = 0.5
+"""Most of /dev/shm's free space the arenas may take: the rest for the server's other processes
+(WORKERS > 1: each has its own plane) and libraries."""
+SHM_FIX = ("give the container more shared memory (Docker: --shm-size=1g; Compose: shm_size: "
+           "1gb), or lower DECODE_PROCESSES or FETCH_CONCURRENCY")
 RESTART_BACKOFF_S = (0.5, 30.0)
 """Delay before restarting a process that died before it was ready: first, most."""
 STOP_WAIT_S = 5.0
@@ -68,6 +85,83 @@ class Decoded:
 
     key: str
     pixels: Pixels | BaseException
+
+
+@dataclass(frozen=True)
+class ArenaPlan:
+    """The shared memory the decode processes need: `processes` arenas of `slots` images of
+    side x side x 3 bytes each, `wanted` slots being what the settings ask for."""
+
+    processes: int
+    side: int
+    wanted: int
+    slots: int
+    free_bytes: int | None
+    """Free space in /dev/shm when planned; None where there is none (not Linux) or unknown."""
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.side * self.side * 3
+
+    @property
+    def arena_bytes(self) -> int:
+        """One process's arena."""
+        return self.slots * self.slot_bytes
+
+    @property
+    def bytes(self) -> int:
+        """All the arenas."""
+        return self.processes * self.arena_bytes
+
+    @property
+    def wanted_bytes(self) -> int:
+        return self.processes * self.wanted * self.slot_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.slots >= MIN_SLOTS
+
+    @property
+    def reduced(self) -> bool:
+        return self.slots < self.wanted
+
+    def describe(self) -> str:
+        """E.g. '2 processes x 16 slots of 224x224 px = 4.6 MiB, of 64.0 MiB free in /dev/shm'."""
+        free = ("" if self.free_bytes is None
+                else f", of {_mib(self.free_bytes)} free in {SHM_DIR}")
+        return (f"{self.processes} processes x {self.slots} slots of {self.side}x{self.side} px "
+                f"= {_mib(self.bytes)}{free}")
+
+    def shortage(self) -> str:
+        """Why the settings' arenas do not fit, for a warning or an error."""
+        return (f"the decode processes' shared memory ({self.processes} processes x "
+                f"{self.wanted} slots (FETCH_CONCURRENCY) x {self.side}x{self.side}x3 bytes = "
+                f"{_mib(self.wanted_bytes)}) does not fit in {SHM_SHARE:.0%} of the "
+                f"{_mib(self.free_bytes or 0)} free in {SHM_DIR}")
+
+
+def plan_arenas(settings: Settings, processes: int, side: int,
+                free_bytes: int | None) -> ArenaPlan:
+    """FETCH_CONCURRENCY slots per process (at least MIN_SLOTS), fewer if that many do not fit
+    in SHM_SHARE of `free_bytes` (then `fits` says whether even MIN_SLOTS do)."""
+    wanted = max(MIN_SLOTS, settings.FETCH_CONCURRENCY)
+    slots = wanted
+    if free_bytes is not None:
+        slots = min(wanted, int(free_bytes * SHM_SHARE) // (processes * side * side * 3))
+    return ArenaPlan(processes, side, wanted, slots, free_bytes)
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Free bytes in the shared-memory filesystem, or None where it does not exist."""
+    try:
+        stat = os.statvfs(path)
+    except (OSError, AttributeError):  # no /dev/shm (macOS), no statvfs (Windows)
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 @dataclass
@@ -106,7 +200,8 @@ class DecodePlane:
     FetchError), in `Decoded.pixels` if they could not be decoded (DecodeError)."""
 
     def __init__(self, settings: Settings, *, model: str, steps: Steps, side: int,
-                 processes: int, nice: int = 0) -> None:
+                 processes: int, nice: int = 0,
+                 shm_free: Callable[[], int | None] = shm_free_bytes) -> None:
         if processes < 1:
             raise ValueError("a decode plane needs at least one process")
         self.settings = settings
@@ -115,10 +210,9 @@ class DecodePlane:
         self.side = side
         self.processes = processes
         self.nice = nice
-        self.slots_per_process = max(MIN_SLOTS, math.ceil(settings.FETCH_CONCURRENCY
-                                                          / processes))
-        self.background_slots = max(1, int(processes * self.slots_per_process
-                                           * BACKGROUND_SHARE))
+        self._shm_free = shm_free
+        # what the settings ask for; fitted to /dev/shm's free space when the processes start
+        self.plan = plan_arenas(settings, processes, side, None)
         self._context = multiprocessing.get_context("spawn")
         self._ids = itertools.count()
         self._waiting: deque[_Job] = deque()
@@ -142,6 +236,14 @@ class DecodePlane:
         (self._waiting_background if background else self._waiting).append(job)
         self._dispatch()
         return await job.future
+
+    @property
+    def slots_per_process(self) -> int:
+        return self.plan.slots
+
+    @property
+    def background_slots(self) -> int:
+        return max(1, int(self.processes * self.slots_per_process * BACKGROUND_SHARE))
 
     @property
     def alive(self) -> int:
@@ -172,13 +274,26 @@ class DecodePlane:
         if self._workers:  # first used from another event loop, now gone: start afresh
             self._shut_down()
             self._workers = []
+        self.plan = self._fit()
         self._loop = loop
-        size = self.slots_per_process * self.side * self.side * 3
         for index in range(self.processes):
-            arena = shared_memory.SharedMemory(create=True, size=size)
+            arena = shared_memory.SharedMemory(create=True, size=self.plan.arena_bytes)
             self._workers.append(_Process(index, arena, self.slots_per_process))
         for worker in self._workers:
             self._spawn(worker)
+
+    def _fit(self) -> ArenaPlan:
+        """The arenas, fitted to the free shared memory: fewer slots with a warning, or a
+        DecodeError if even MIN_SLOTS per process do not fit."""
+        plan = plan_arenas(self.settings, self.processes, self.side, self._shm_free())
+        if not plan.fits:
+            raise DecodeError(f"{plan.shortage()}, even at {MIN_SLOTS} slots per process: "
+                              f"{SHM_FIX}, or set DECODE_PROCESSES=0 to decode in-process")
+        if plan.reduced:
+            log.warning("%s: using %d slots per process instead of %d (fewer images in flight, "
+                        "slower /predict); to keep them all, %s", plan.shortage(), plan.slots,
+                        plan.wanted, SHM_FIX)
+        return plan
 
     def _spawn(self, worker: _Process) -> None:
         config = plane_process.Config(self.settings, self.model, self.steps, self.side,

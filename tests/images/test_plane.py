@@ -24,7 +24,7 @@ from backend.config import Settings, load_settings
 from backend.errors import DecodeError, FetchError, ImageRefused
 from backend.images.decode import decode_image
 from backend.images.fetch import ImageFetcher
-from backend.images.plane import Decoded, DecodePlane
+from backend.images.plane import MIN_SLOTS, Decoded, DecodePlane, plan_arenas
 from backend.images.steps import apply_steps
 from backend.labelstudio.client import LabelStudioAccess
 from backend.store import embedding_key
@@ -46,9 +46,10 @@ def jpeg(seed: int = 0, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> 
 
 
 def run_plane(settings: Settings, body: Callable[[DecodePlane], Awaitable[Any]],
-              processes: int = 1) -> Any:
+              processes: int = 1, **options: Any) -> Any:
     async def run() -> Any:
-        plane = DecodePlane(settings, model=MODEL, steps=STEPS, side=SIDE, processes=processes)
+        plane = DecodePlane(settings, model=MODEL, steps=STEPS, side=SIDE, processes=processes,
+                            **options)
         try:
             return await body(plane)
         finally:
@@ -274,3 +275,69 @@ def test_processes_that_cannot_start_fail_the_images_with_a_reason(monkeypatch, 
     assert isinstance(failed, DecodeError), failed
     assert "cannot start (one exited with status 1" in str(failed)
     assert "DECODE_PROCESSES=0" in str(failed)
+
+
+# --- slots and shared memory -----------------------------------------------------------------
+SLOT = SIDE * SIDE * 3
+
+
+def test_each_process_has_fetch_concurrency_slots_however_many_processes_there_are():
+    for concurrency, expected in ((16, 16), (24, 24), (1, MIN_SLOTS)):
+        settings = load_settings(FETCH_CONCURRENCY=concurrency)
+        for processes in (1, 2, 16):
+            plane = DecodePlane(settings, model=MODEL, steps=STEPS, side=SIDE,
+                                processes=processes)
+            assert plane.slots_per_process == expected, (concurrency, processes)
+            assert plane.background_slots == processes * expected // 2
+            assert plane.plan.bytes == processes * expected * SLOT
+
+
+def test_arenas_take_at_most_half_the_free_shared_memory_and_never_under_min_slots():
+    settings = load_settings(FETCH_CONCURRENCY=16)
+    mib = 2**20
+    # a 16-core GPU box at 384 px needs 108 MiB; Docker's default /dev/shm is 64 MiB
+    docker = plan_arenas(settings, 16, 384, 64 * mib)
+    assert docker.wanted_bytes == 16 * 16 * 384 * 384 * 3
+    assert (docker.slots, docker.reduced, docker.fits) == (4, True, True)
+    assert docker.bytes <= 32 * mib < docker.bytes + 16 * 384 * 384 * 3
+    roomy = plan_arenas(settings, 16, 384, 1024 * mib)
+    assert (roomy.slots, roomy.reduced, roomy.bytes) == (16, False, roomy.wanted_bytes)
+    unknown = plan_arenas(settings, 16, 384, None)  # no /dev/shm here: nothing to check against
+    assert (unknown.slots, unknown.reduced, unknown.fits) == (16, False, True)
+    exact = plan_arenas(settings, 2, SIDE, 2 * 2 * MIN_SLOTS * SLOT)
+    assert (exact.slots, exact.fits) == (MIN_SLOTS, True)
+    short = plan_arenas(settings, 2, SIDE, 2 * 2 * MIN_SLOTS * SLOT - 1)
+    assert not short.fits and "free in /dev/shm" in short.shortage()
+
+
+def test_tight_shared_memory_means_fewer_slots_and_one_warning_naming_the_fix(loopback,
+                                                                              caplog):
+    url = loopback.add("/a.jpg", Route(jpeg()))
+    free = 2 * 5 * SLOT  # half of it: 5 slots for the one process
+
+    async def body(plane: DecodePlane) -> Any:
+        decoded = await asyncio.gather(*(plane.decode(url, 1, None) for _ in range(8)))
+        [worker] = plane._workers
+        return decoded, plane.slots_per_process, worker.slots, len(worker.free)
+
+    with caplog.at_level("WARNING", logger="backend.images.plane"):
+        decoded, slots, worker_slots, free_slots = run_plane(
+            load_settings(FETCH_CONCURRENCY=16), body, shm_free=lambda: free)
+    assert all(isinstance(result, Decoded) for result in decoded)
+    assert slots == worker_slots == free_slots == 5
+    [warning] = [r for r in caplog.records if r.name == "backend.images.plane"]
+    message = warning.getMessage()
+    assert "5 slots per process instead of 16" in message
+    assert "--shm-size" in message and "shm_size" in message and "DECODE_PROCESSES" in message
+
+
+def test_shared_memory_too_small_for_min_slots_fails_the_images_naming_the_fix():
+    async def body(plane: DecodePlane) -> Any:
+        failed = await outcome(plane.decode("data:image/png;base64,AAAA", 1, None))
+        return failed, plane._workers, plane.alive
+
+    failed, workers, alive = run_plane(load_settings(), body, processes=2,
+                                       shm_free=lambda: 2 * 2 * MIN_SLOTS * SLOT - 1)
+    assert isinstance(failed, DecodeError), failed
+    assert "--shm-size" in str(failed) and "DECODE_PROCESSES=0" in str(failed)
+    assert workers == [] and alive == 0  # no arena created, no process started
