@@ -14,7 +14,7 @@ process may still find their embedding stored).
 `downloaded`: the bytes came over the network or from local files (not a data: URI), for
 the main process's `backend_images_fetched_total` (this process's metrics are its own).
 
-Imports stay light (Pillow, NumPy, httpx): no torch, no model, so a process starts quickly.
+Imports stay light (Pillow, NumPy, aiohttp, httpx): no torch, no model, so a process starts quickly.
 """
 
 from __future__ import annotations
