@@ -1,13 +1,16 @@
-"""`LRU`: a mapping that forgets its least recently stored entries beyond a bound."""
+"""`LRU`: a mapping that forgets its least recently stored entries beyond a bound; `ByIdentity`:
+values remembered per object identity in one."""
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class LRU(Generic[K, V]):
@@ -42,6 +45,30 @@ class LRU(Generic[K, V]):
 
     def __iter__(self) -> Iterator[K]:
         return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ByIdentity(Generic[T, V]):
+    """Values derived from objects, remembered per (object, `extra`) by the object's identity,
+    not its value: no hashing or comparing of a large object (a parsed label config) on each
+    look-up. An entry holds a weak reference, so it keeps nothing alive, and an object that
+    takes the address of a dead one finds nothing. At most `max_items` entries (`LRU`)."""
+
+    def __init__(self, max_items: int) -> None:
+        self._entries: LRU[tuple[int, Hashable], tuple[weakref.ref[T], V]] = LRU(max_items)
+
+    def get(self, obj: T, extra: Hashable) -> V | None:
+        key = (id(obj), extra)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not obj:
+            return None
+        self._entries.put(key, entry)  # the most recently used
+        return entry[1]
+
+    def put(self, obj: T, extra: Hashable, value: V) -> None:
+        self._entries.put((id(obj), extra), (weakref.ref(obj), value))
 
     def __len__(self) -> int:
         return len(self._entries)

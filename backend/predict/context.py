@@ -13,7 +13,7 @@ from ..errors import StoreUnavailable
 from ..labelstudio.client import LabelStudioAccess, ProjectId
 from ..labelstudio.label_config import ParsedConfig
 from ..labelstudio.projects import ProjectMemory
-from ..lru import LRU
+from ..lru import LRU, ByIdentity
 from ..zeroshot.heads import HeadCache, parse_config
 from ..zeroshot.prompts import plan_prompts, prompt_set_hash
 from ..zeroshot.scoring import ZeroShotHead
@@ -21,6 +21,8 @@ from ..zeroshot.scoring import ZeroShotHead
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS_KEPT = 100
+PROMPT_HASHES_KEPT = 64
+"""Prompt-set hashes remembered, one per (parsed config, TEMPLATES) in use."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Contexts:
         self.registry = registry
         self.model_label = heads.host.model_label
         self._versions: LRU[str, None] = LRU(MAX_VERSIONS_KEPT)
+        self._prompt_hashes: ByIdentity[ParsedConfig, str] = ByIdentity(PROMPT_HASHES_KEPT)
 
     async def build(self, label_config: str, project: ProjectId | None = None,
                     head: str | None = None) -> ProjectContext:
@@ -78,12 +81,24 @@ class Contexts:
     def model_version(self, parsed: ParsedConfig, active: ServedHead = ZERO_SHOT_SERVED) -> str:
         """Backbone, weights, prompt-set hash and the project's adapted head if it has one,
         e.g. `ViT-B-16-SigLIP/webli:p1a2b3c4d` or `…:p1a2b3c4d:h3`."""
-        plans = [plan_prompts(space, self.settings.TEMPLATES) for space in parsed.spaces]
-        version = f"{self.model_label}:p{prompt_set_hash(plans, parsed.spaces)}"
+        version = f"{self.model_label}:p{self.prompt_hash(parsed)}"
         if active.id:
             version += f":{active.id}"
         self._versions.put(version, None)
         return version
+
+    def prompt_hash(self, parsed: ParsedConfig) -> str:
+        """`prompt_set_hash` of the config's prompts, planned once per parsed config (the same
+        object for the same config text: parse_label_config keeps it) and TEMPLATES, not on
+        every request (1,000 labels: 1.7 ms; 13 ms with the 80 'openai' templates)."""
+        templates = self.settings.TEMPLATES
+        known = self._prompt_hashes.get(parsed, templates)
+        if known is not None:
+            return known
+        plans = [plan_prompts(space, templates) for space in parsed.spaces]
+        digest = prompt_set_hash(plans, parsed.spaces)
+        self._prompt_hashes.put(parsed, templates, digest)
+        return digest
 
     def issued_versions(self) -> list[str]:
         """Model versions this process has issued, most recent last."""

@@ -24,7 +24,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ..adapt.adapter import score
-from ..adapt.examples import cached_embedding, target_row, unusable
+from ..adapt.examples import (
+    cached_embeddings,
+    embedding_key_of,
+    label_index,
+    target_row,
+    unusable,
+)
 from ..adapt.fit import MIN_EXAMPLES, Examples, adapt, normalise_rows
 from ..errors import ReviewError
 from ..formats import columns_of, comment_line, csv_chunks, jsonl_chunks, labelstudio_chunks
@@ -55,10 +61,17 @@ class ProjectView:
 
 
 def project_view(store: Store, project: str, space: LabelSpace, model: str) -> ProjectView:
-    tasks, refs, vectors = [], [], []
+    """The embeddings are read in one `store.embeddings` call, not one per predicted task."""
+    known: list[tuple[Record, dict[str, Any], str]] = []  # (record, its control, key)
     for record in store.predictions(project):
         control = record.get("controls", {}).get(space.name) or {}
-        vector = cached_embedding(store, control, model)
+        key = embedding_key_of(store, control, model)
+        if key:
+            known.append((record, control, key))
+    stored = cached_embeddings(store, [key for *_, key in known])
+    tasks, refs, vectors = [], [], []
+    for record, control, key in known:
+        vector = stored.get(key)
         if vector is not None:
             tasks.append(str(record["task"]))
             refs.append(str(control.get("image_ref") or ""))
@@ -68,13 +81,14 @@ def project_view(store: Store, project: str, space: LabelSpace, model: str) -> P
                           f"control {space.name!r}: run Retrieve predictions first")
     position = {task: i for i, task in enumerate(tasks)}
     annotated: dict[int, Array] = {}
+    index = label_index(space)
     for record in store.corrections(project):
         control = record.get("controls", {}).get(space.name)
         where = position.get(str(record["task"]))
         if where is None or unusable(record, control) is not None:
             continue
         assert control is not None
-        row = target_row(space, control["final"])
+        row = target_row(space, control["final"], index)
         if row is not None:
             annotated[where] = row
     stacked = normalise_rows(np.stack(vectors).astype(np.float64))
