@@ -220,6 +220,7 @@ class DecodePlane:
         self._background_running = 0
         self._workers: list[_Process] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch_pending = False
         self.restarts = 0
         self.closed = False
 
@@ -234,7 +235,7 @@ class DecodePlane:
         job = _Job(job_id, (ref, task_id, ls.url if ls else None, ls.token if ls else None),
                    background, loop.create_future())
         (self._waiting_background if background else self._waiting).append(job)
-        self._dispatch()
+        self._dispatch_soon()
         return await job.future
 
     @property
@@ -393,29 +394,44 @@ class DecodePlane:
         worker.jobs.clear()
 
     # --- jobs ----------------------------------------------------------------------------------
+    def _dispatch_soon(self) -> None:
+        """Dispatch once the callbacks ready now have run: the images a request submits in
+        one go reach each process in one message."""
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        batches: dict[int, list[_Job]] = {}
         while self._waiting or self._waiting_background and self._background_fits():
             worker = max(self._workers, key=lambda w: len(w.free) if w.conn else -1)
             if not worker.free or worker.conn is None:
-                return
+                break
             queue = self._waiting if self._waiting else self._waiting_background
             job = queue.popleft()
             if job.future.done():  # its request was cancelled
                 continue
-            self._send(worker, job)
+            self._assign(worker, job)
+            batches.setdefault(worker.index, []).append(job)
+        for index, jobs in batches.items():
+            self._send(self._workers[index], jobs)
 
     def _background_fits(self) -> bool:
         return self._background_running < self.background_slots
 
-    def _send(self, worker: _Process, job: _Job) -> None:
-        assert worker.conn is not None
+    def _assign(self, worker: _Process, job: _Job) -> None:
         job.slot = worker.free.pop()
         worker.jobs[job.id] = job
         self._background_running += job.background
+
+    @staticmethod
+    def _send(worker: _Process, jobs: list[_Job]) -> None:
+        assert worker.conn is not None
         try:
-            worker.conn.send((job.id, job.slot, *job.message))
+            worker.conn.send([(job.id, job.slot, *job.message) for job in jobs])
         except OSError:
-            pass  # it died: its sentinel fails the job
+            pass  # it died: its sentinel fails the jobs
 
     def _release(self, worker: _Process, job: _Job) -> None:
         worker.free.append(job.slot)
@@ -435,7 +451,8 @@ class DecodePlane:
         conn = worker.conn
         try:
             while conn is not None and not conn.closed and conn.poll():
-                self._reply(worker, conn.recv())
+                for reply in conn.recv():
+                    self._reply(worker, reply)
         except (EOFError, OSError):
             return False
         return True

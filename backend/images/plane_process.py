@@ -3,7 +3,9 @@
 It runs its own event loop and its own `ImageFetcher` (the same address guard, size caps and
 Label Studio token rules as the main process), and for each job: fetch → SHA-256 embedding key
 → `decode_image` → the model's PIL steps → uint8 pixels written into the job's slot of the
-shared-memory arena the main process created. Replies are small tuples on the pipe:
+shared-memory arena the main process created. Jobs come as lists (the main process sends
+all it can place in one message); replies go back as lists of small tuples, those of the jobs
+that finished in one turn of the event loop together (fewer wake-ups on both sides):
 
     ("ready",)
     ("ok", job, key, (height, width), downloaded, cpu)     cpu: {stage: CPU seconds}
@@ -94,6 +96,7 @@ class Worker:
         self.accesses: LRU[tuple[str, str | None], LabelStudioAccess] = LRU(
             LABEL_STUDIO_ACCESSES)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.outbox: list[tuple[Any, ...]] = []
         self.clock = time.thread_time()
 
     async def serve(self) -> None:
@@ -101,7 +104,7 @@ class Worker:
         self.stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.conn.fileno(), self._receive)
-        self.conn.send(("ready",))
+        self.conn.send([("ready",)])
         try:
             await self.stopped.wait()
         finally:
@@ -113,15 +116,16 @@ class Worker:
 
     def _receive(self) -> None:
         try:
-            job = self.conn.recv()
+            jobs: list[Job] | None = self.conn.recv()
         except (EOFError, OSError):  # the main process is gone
-            job = None
-        if job is None:
+            jobs = None
+        if jobs is None:
             self.stopped.set()
             return
-        task = asyncio.ensure_future(self._run(job))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        for job in jobs:
+            task = asyncio.ensure_future(self._run(job))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _run(self, job: Job) -> None:
         job_id, slot, ref, task_id, ls_url, ls_token = job
@@ -165,8 +169,14 @@ class Worker:
         return cpu
 
     def _send(self, reply: tuple[Any, ...]) -> None:
+        self.outbox.append(reply)
+        if len(self.outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        replies, self.outbox = self.outbox, []
         try:
-            self.conn.send(reply)
+            self.conn.send(replies)
         except OSError:  # the main process is gone
             self.stopped.set()
 
