@@ -1,7 +1,8 @@
 """The data plane's CPU proxy: /predict with a near-free encoder, against the CPU work it needs.
 
     python bench/data_plane.py [--images 2000] [--clients 8] [--tasks-per-request 16]
-                               [--processes 0 1 2] [--seconds 10]
+                               [--processes 0 1 2] [--seconds 10] [--megapixels 0.3]
+                               [--model ViT-B-16 --device cuda --precision bf16] [--no-install]
 
 The encoder is a tiny open_clip model (random weights) with a 224 px input, so what is left is
 the data plane: download, hash, decode, preprocess, store, scheduling. In one run it measures:
@@ -22,9 +23,22 @@ the data plane: download, hash, decode, preprocess, store, scheduling. In one ru
             not assumed).
 Images: 640x480 JPEGs (quality 90), distinct bytes in every run (each backend run also starts
 with an empty store), served by nginx (Debian's nginx-light, installed if missing) with a
-generated configuration; without nginx, by a Python server in its own process (with a warning:
-it takes CPU from the cores being measured). The machine may be shared: the load average is
-printed before and after; compare ratios from one run only.
+generated configuration; without nginx, by a Python asyncio server in processes of its own
+(with a warning: it takes more CPU from the cores being measured). The machine may be shared:
+the load average is printed before and after; compare ratios from one run only.
+
+With `--model NAME` (an open_clip architecture, random weights: the FLOPs of the real ones) the
+encoder is real, on `--device` in `--precision` (the backend's DEVICE and PRECISION), and the
+same run also measures
+  encoder-only  img/s of the encoder alone fed as the plane feeds it: batches of the backend's
+            size (BATCH_SIZE, auto: 8 CPU, 64 GPU) of uint8 pixels already decoded and resized,
+            normalised on the device, embeddings back on the CPU; and /predict ÷ encoder-only
+            (issue 16's GPU target: >= 0.5);
+  GPU use   on cuda, nvidia-smi's utilisation and memory sampled every 200 ms during each
+            /predict run (mean, p50, max).
+`--megapixels` sets the picture size (0.3 = 640x480, 12 = 4000x3000, 4:3). `--processes unset`
+runs the backend's default (one decode process per CPU). `--no-install`: no apt-get for nginx
+(a machine without network; the fallback is a Python asyncio server in its own processes).
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +74,8 @@ sys.path.insert(0, str(REPO))
 
 from backend.config import Settings, load_settings  # noqa: E402
 from backend.images.decode import decode_image  # noqa: E402
-from bench.predict_throughput import photo_like  # noqa: E402
+from backend.images.steps import apply_steps  # noqa: E402
+from bench.predict_throughput import photo_like, synchronise  # noqa: E402
 from tests.support.backend_process import BackendProcess  # noqa: E402
 from tests.support.redis_server import free_port  # noqa: E402
 from tests.support.tiny_models import TINY_CLIP  # noqa: E402
@@ -68,7 +84,8 @@ WIDTH, HEIGHT, QUALITY = 640, 480, 90
 NOISE = 8.0
 """Standard deviation of the noise added to each picture, in 8-bit levels."""
 PICTURES = 256
-"""Different pictures drawn; the rest of `--images` are byte-distinct copies (a JPEG comment)."""
+"""Different pictures drawn at 0.3 MP (fewer for larger ones, as many pixels in all); the rest
+of `--images` are byte-distinct copies (a JPEG comment)."""
 TINY_224 = {**TINY_CLIP, "vision_cfg": {"image_size": 224, "layers": 1, "width": 16,
                                         "patch_size": 32, "head_width": 16}}
 LABELS = ["cat", "dog", "car", "tree", "house", "person", "bicycle", "boat"]
@@ -81,16 +98,41 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # --- images ------------------------------------------------------------------------------------
 
-def picture(seed: int) -> bytes:
-    """A 640x480 photo-like JPEG: gradients and shapes under sensor-like noise, about 86 KB at
-    quality 90 as camera photos of that size are (smooth shapes alone compress to 22 KB and
-    decode faster than photos)."""
+def picture(seed: int, size: tuple[int, int] = (WIDTH, HEIGHT)) -> bytes:
+    """A photo-like JPEG (640x480 unless `size` says otherwise): gradients and shapes under
+    sensor-like noise, about 86 KB at 640x480 and 3 MB at 4000x3000, quality 90, as camera
+    photos of those sizes are (smooth shapes alone compress to 22 KB and decode faster than
+    photos)."""
+    width, height = size
     rng = np.random.default_rng(seed)
-    image = photo_like(WIDTH, HEIGHT, rng)
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, NOISE, (HEIGHT, WIDTH, 3))
+    image = photo_like(width, height, rng)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, NOISE, (height, width, 3))
     buffer = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=QUALITY)
     return buffer.getvalue()
+
+
+def dimensions(megapixels: float) -> tuple[int, int]:
+    """(width, height) of a 4:3 picture of about `megapixels`, the width a multiple of 16:
+    0.3 → 640x480, 2 → 1632x1224, 12 → 4000x3000."""
+    width = 16 * max(1, round((megapixels * 1e6 * 4 / 3) ** 0.5 / 16))
+    return width, width * 3 // 4
+
+
+def draw_pictures(count: int, size: tuple[int, int]) -> list[bytes]:
+    """`count` different pictures of `size` (seeds 0, 1, ...); large ones drawn in processes,
+    one per CPU (a 12 MP one takes a core about 1.5 s)."""
+    if size[0] * size[1] <= 1_000_000 or count == 1:
+        return [picture(seed, size) for seed in range(count)]
+    workers = min(count, len(os.sched_getaffinity(0)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(picture, range(count), [size] * count))
+
+
+def picture_count(megapixels: float, images: int) -> int:
+    """Different pictures for a run: PICTURES at 0.3 MP, as many pixels in all (at least 4)
+    for larger ones, never more than `images`."""
+    return max(1, min(images, PICTURES, max(4, round(PICTURES * 0.3 / megapixels))))
 
 
 def tagged(jpeg: bytes, tag: str) -> bytes:
@@ -135,20 +177,61 @@ http {{
     }}
 }}
 """
-PYTHON_SERVER = """
-import functools, http.server, sys
-class Handler(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args): pass
-handler = functools.partial(Handler, directory=sys.argv[2])
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+PYTHON_SERVER = r"""
+import asyncio, ctypes, os, signal, socket, sys
+port, root, workers = int(sys.argv[1]), os.path.realpath(sys.argv[2]), int(sys.argv[3])
+
+class Files(asyncio.Protocol):  # GET only, HTTP/1.1 keep-alive, files read per request
+    def connection_made(self, transport):
+        self.transport, self.pending = transport, b""
+    def data_received(self, data):
+        self.pending += data
+        while b"\r\n\r\n" in self.pending:
+            head, self.pending = self.pending.split(b"\r\n\r\n", 1)
+            target = head.split(b" ", 2)[1].split(b"?")[0].decode()
+            path = os.path.realpath(os.path.join(root, target.lstrip("/")))
+            try:
+                if not path.startswith(root + os.sep):
+                    raise FileNotFoundError(path)
+                with open(path, "rb") as handle:
+                    body, status = handle.read(), b"200 OK"
+            except OSError:
+                body, status = b"", b"404 Not Found"
+            self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: image/jpeg\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+children = []
+for _ in range(workers - 1):  # forked before any loop: all accept on the one socket
+    pid = os.fork()
+    if pid == 0:
+        children = []
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: end with the parent
+        break
+    children.append(pid)
+
+def stop(*_):
+    for child in children:
+        os.kill(child, signal.SIGTERM)
+    for child in children:
+        os.waitpid(child, 0)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+
+async def serve():
+    server = await asyncio.get_running_loop().create_server(Files, sock=listener)
+    await server.serve_forever()
+
+asyncio.run(serve())
 """
 
 
-def nginx_binary() -> str | None:
-    """nginx on PATH (or /usr/sbin), installing Debian's nginx-light when it is missing."""
+def nginx_binary(install: bool = True) -> str | None:
+    """nginx on PATH (or /usr/sbin), installing Debian's nginx-light when it is missing (unless
+    not `install`: on a machine without network, apt-get could wait minutes for a mirror)."""
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found or not shutil.which("apt-get"):
+    if found or not install or not shutil.which("apt-get"):
         return found
     print("installing nginx-light (apt-get) to serve the images ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -163,14 +246,15 @@ def nginx_binary() -> str | None:
 class ImageServer:
     """nginx serving `root`/www on a loopback port, or a Python server when nginx is missing."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, install: bool = True) -> None:
         self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.kind = "nginx"
+        self.install = install
 
     def __enter__(self) -> ImageServer:
         (self.root / "www").mkdir(parents=True, exist_ok=True)
-        binary = nginx_binary()
+        binary = nginx_binary(self.install)
         if binary:
             conf = self.root / "nginx.conf"
             # started by root, nginx's workers would run as nobody, who cannot read a temp dir
@@ -178,11 +262,15 @@ class ImageServer:
             conf.write_text(NGINX_CONF.format(user=user, root=self.root, port=self.port))
             command = [binary, "-p", str(self.root), "-c", str(conf), "-e", "stderr"]
         else:
-            print("WARNING: nginx is not available; images come from a Python server in its own "
-                  "process, which caps the rate near 350 img/s and takes CPU from the cores "
-                  "being measured", flush=True)
-            self.kind = "python http.server"
-            command = [sys.executable, "-c", PYTHON_SERVER, str(self.port), str(self.root / "www")]
+            # one process serves a few thousand small files a second; a quarter of the cores
+            # at most, 4 at most (the rest decode)
+            workers = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
+            print(f"WARNING: nginx is not available; images come from a Python asyncio server "
+                  f"in {workers} process(es) of its own, which takes more CPU per image than "
+                  "nginx from the cores being measured (the 'images' column)", flush=True)
+            self.kind = f"python asyncio server x {workers}"
+            command = [sys.executable, "-c", PYTHON_SERVER, str(self.port), str(self.root / "www"),
+                       str(workers)]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
         self._wait()
         return self
@@ -287,18 +375,12 @@ def metric(url: str, name: str) -> float | None:
 
 # --- the limit: single-thread real work --------------------------------------------------------
 
-def single_thread_work(settings: Settings, images: list[bytes],
-                       seconds: float) -> tuple[float, float, float]:
+def single_thread_work(settings: Settings, encoder: Any, images: list[bytes],
+                       seconds: float) -> tuple[float, float]:
     """(img/s by the wall clock, CPU ms per image) of decode (draft) + resize + crop +
-    normalise on one thread, as the backend does it, and the encoder's own CPU ms per image
-    (batches of 8 uint8 images, one thread). The CPU time is what an idle core needs: on a
-    shared machine the wall-clock rate also counts the time other work took the core."""
-    import torch
-
-    from backend.zeroshot.encoder import load_encoder
-
-    torch.set_num_threads(1)
-    encoder = load_encoder(settings)
+    normalise on one thread (torch's too: the caller sets it), as the backend does it. The CPU
+    time is what an idle core needs: on a shared machine the wall-clock rate also counts the
+    time other work took the core."""
     work = lambda data: encoder.preprocess(decode_image(  # noqa: E731
         data, max_pixels=settings.MAX_IMAGE_PIXELS, draft_size=encoder.input_size,
         content_type="image/jpeg", max_bytes=settings.MAX_DECODE_BYTES,
@@ -310,13 +392,99 @@ def single_thread_work(settings: Settings, images: list[bytes],
         work(images[done % len(images)])
         done += 1
     wall, work_ms = done / (time.perf_counter() - started), 1000 * (time.thread_time() - cpu) / done
+    return wall, work_ms
+
+
+def encoder_cpu_ms(encoder: Any) -> float:
+    """The encoder's own CPU ms per image: batches of 8 uint8 images (one torch thread: the
+    caller sets it)."""
+    import torch
+
     batch = torch.randint(0, 256, (8, encoder.input_size, encoder.input_size, 3),
                           dtype=torch.uint8)
     encoder.encode_pixels(batch)
     cpu = time.thread_time()
     for _ in range(20):
         encoder.encode_pixels(batch)
-    return wall, work_ms, 1000 * (time.thread_time() - cpu) / (20 * len(batch))
+    return 1000 * (time.thread_time() - cpu) / (20 * len(batch))
+
+
+@dataclass
+class EncoderOnly:
+    rate: float
+    batch: int
+    batches: int
+    seconds: float
+    fed: str
+
+
+def encoder_only(encoder: Any, images: list[bytes], batch: int,
+                 seconds: float) -> EncoderOnly:
+    """img/s of the encoder alone, fed as the inference thread feeds it from the plane: one
+    batch of `batch` uint8 (S, S, 3) pixels (the decode processes' decode and steps, done
+    first, not timed) through `encode_pixels` (to the device, normalised there, embeddings back
+    on the CPU), again and again for `seconds` (3 warm-up batches first). A model whose
+    preprocessing does not split gets float tensors through `encode_images`, as the backend
+    gives it."""
+    import torch
+
+    decoded = [decode_image(data, max_pixels=10**9, draft_size=encoder.input_size)
+               for data in images[:batch]]
+    rows = [decoded[i % len(decoded)] for i in range(batch)]
+    if encoder.pixel_steps is not None:
+        pixels = torch.from_numpy(np.stack([np.asarray(apply_steps(image, encoder.pixel_steps))
+                                            for image in rows]))
+        encode, fed = encoder.encode_pixels, "uint8 pixels in"
+    else:
+        pixels = torch.stack([encoder.preprocess(image) for image in rows])
+        encode, fed = encoder.encode_images, "float tensors in (preprocessing does not split)"
+    for _ in range(3):  # kernel selection, allocator
+        encode(pixels)
+    synchronise(encoder.device)
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < seconds:
+        encode(pixels)  # returns the embeddings on the CPU: the device's work is done
+        calls += 1
+    elapsed = time.perf_counter() - started
+    return EncoderOnly(batch * calls / elapsed, batch, calls, elapsed, fed)
+
+
+# --- GPU utilisation (nvidia-smi, another process) ---------------------------------------------
+
+GPU_QUERY = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             "-lms", "200"]
+
+
+class GpuSampler:
+    """nvidia-smi's GPU utilisation (%) and memory used (MiB) every 200 ms while the block
+    runs; `samples` is None where nvidia-smi is absent or not `enabled`."""
+
+    def __init__(self, enabled: bool, out: Path) -> None:
+        self.binary = shutil.which("nvidia-smi") if enabled else None
+        self.out = out
+        self.samples: list[tuple[float, float]] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if self.binary:
+            self._file = self.out.open("wb")
+            self.process = subprocess.Popen([self.binary, *GPU_QUERY], stdout=self._file,
+                                            stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.binary:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._file.close()
+        self.samples = []
+        for line in self.out.read_text().splitlines():
+            fields = [part.strip() for part in line.split(",")]
+            with contextlib.suppress(ValueError, IndexError):
+                self.samples.append((float(fields[0]), float(fields[1])))
 
 
 # --- /health sampler (another process) ---------------------------------------------------------
@@ -415,6 +583,8 @@ class Run:
     health: list[float]
     decode_processes: float | None
     requests_per_connection: float | None = None
+    gpu: list[tuple[float, float]] | None = None
+    """nvidia-smi's (utilisation %, memory MiB) samples during the load; None: not sampled."""
 
     @property
     def rate(self) -> float:
@@ -433,10 +603,19 @@ class Run:
                    for pid, cpu in self.after.children.items())
 
 
-def backend_env(config: Path, state: Path, processes: int | None) -> dict[str, str]:
-    env = {"MODEL_CONFIG": str(config), "MODEL_PRETRAINED": "none", "MODEL_DIR": str(state),
-           "DEVICE": "cpu", "IMAGE_URL_ALLOWLIST": "127.0.0.1", "TEMPLATES": "photo",
-           "LOG_LEVEL": "WARNING"}
+def model_env(args: argparse.Namespace, config: Path) -> dict[str, str]:
+    """The settings naming the model, its device and precision: the tiny 224 px model (its
+    config file) unless --model names an open_clip architecture."""
+    env = {"MODEL_NAME": args.model} if args.model else {"MODEL_CONFIG": str(config)}
+    env["DEVICE"] = args.device
+    if args.precision:
+        env["PRECISION"] = args.precision
+    return env
+
+
+def backend_env(model: dict[str, str], state: Path, processes: int | None) -> dict[str, str]:
+    env = {**model, "MODEL_PRETRAINED": "none", "MODEL_DIR": str(state),
+           "IMAGE_URL_ALLOWLIST": "127.0.0.1", "TEMPLATES": "photo", "LOG_LEVEL": "WARNING"}
     if processes is not None:
         env["DECODE_PROCESSES"] = str(processes)
     return env
@@ -453,9 +632,11 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
     log_start = images.log_size()
     with BackendProcess(env, work / f"backend-{slug}.log") as backend:
         asyncio.run(drive(backend.url, [[f"{images.url}/{p}" for p in warm]], 1, 600))
+        gpu = GpuSampler(args.device.startswith("cuda"), work / f"gpu-{slug}.csv")
         with HealthSampler(backend.url) as health, profiled(backend.pid, label, args.py_spy):
             before = CpuSnapshot.take(backend, images)
-            load = asyncio.run(drive(backend.url, batches, args.clients, args.seconds))
+            with gpu:
+                load = asyncio.run(drive(backend.url, batches, args.clients, args.seconds))
             after = CpuSnapshot.take(backend, images)
             latencies = health.latencies()
         alive = metric(backend.url, "backend_decode_processes")
@@ -465,7 +646,7 @@ def one_run(label: str, env: dict[str, str], images: ImageServer, work: Path,
         print(f"  note: run {label} used all {args.images} images within {args.seconds:.0f} s "
               "(more --images make a longer run)", flush=True)
     return Run(label, load, before, after, latencies, alive,
-               images.requests_per_connection(log_start, f"/{slug}/"))
+               images.requests_per_connection(log_start, f"/{slug}/"), gpu.samples)
 
 
 @contextlib.contextmanager
@@ -537,16 +718,42 @@ def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
               f"{1000 * percentile(run.health, 99):.1f} ms (target < 100)")
 
 
+def report_encoder(runs: list[Run], ceiling: EncoderOnly, gpu_sampled: bool) -> None:
+    """With a real encoder: /predict against the encoder alone, and the GPU's use."""
+    for run in runs:
+        print(f"/predict {run.label}: {run.rate:.1f} img/s = {run.rate / ceiling.rate:.2f} x "
+              f"encoder-only {ceiling.rate:.1f} img/s (target >= 0.5 on GPU)")
+    for run in runs:
+        if run.gpu:
+            util = [u for u, _ in run.gpu]
+            print(f"GPU during /predict {run.label}: utilisation mean {np.mean(util):.0f} %, "
+                  f"p50 {np.percentile(util, 50):.0f} %, max {max(util):.0f} %; memory used "
+                  f"max {max(m for _, m in run.gpu):,.0f} MiB ({len(run.gpu)} samples, 200 ms)")
+        elif gpu_sampled:
+            print(f"GPU during /predict {run.label}: not sampled (nvidia-smi "
+                  f"{'gave nothing' if run.gpu is not None else 'not found'})")
+
+
 def _reuse(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def run_labels(processes: list[int]) -> list[tuple[str, int | None]]:
+def processes_value(text: str) -> int | None:
+    """A --processes value: a count, or 'unset' (the backend's default: one per CPU)."""
+    if text == "unset":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("a count >= 0, or 'unset'")
+    return value
+
+
+def run_labels(processes: list[int | None]) -> list[tuple[str, int | None]]:
     """(label, DECODE_PROCESSES) per run; one default run while the setting does not exist."""
     if "DECODE_PROCESSES" not in Settings.model_fields:
         print("DECODE_PROCESSES is not a setting in this branch: one run of today's path")
         return [("default", None)]
-    return [(str(n), n) for n in processes]
+    return [("unset" if n is None else str(n), n) for n in processes]
 
 
 def main() -> None:
@@ -555,9 +762,23 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="distinct JPEGs per run")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tasks-per-request", type=int, default=16)
-    parser.add_argument("--processes", type=int, nargs="+", default=[0, 1, 2],
-                        help="DECODE_PROCESSES values, one /predict run each")
+    parser.add_argument("--processes", type=processes_value, nargs="+", default=[0, 1, 2],
+                        help="DECODE_PROCESSES values, one /predict run each; 'unset': the "
+                        "backend's default (one per CPU)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per /predict run (at most)")
+    parser.add_argument("--megapixels", type=float, default=0.3,
+                        help="picture size, 4:3 (0.3 = 640x480, 12 = 4000x3000)")
+    parser.add_argument("--model", help="an open_clip architecture (random weights), e.g. "
+                        "ViT-B-16; default: a tiny model with a 224 px input (a near-free "
+                        "encoder). A real one adds encoder-only img/s to the report")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="DEVICE of the backend (and of the encoder-only measurement)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="PRECISION of the backend; default: its own (auto)")
+    parser.add_argument("--encoder-seconds", type=float, default=3.0,
+                        help="timed seconds of the encoder-only measurement (a real --model)")
+    parser.add_argument("--no-install", dest="install", action="store_false",
+                        help="do not apt-get nginx-light when nginx is missing")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
                         help="profile the server's main process during each run with py-spy "
                         "(pip install py-spy): DIR/profile-<processes>.txt, frames by samples")
@@ -571,29 +792,61 @@ def main() -> None:
 
 
 def measure(work: Path, cores: int, args: argparse.Namespace) -> None:
+    import torch
+
+    from backend.zeroshot.encoder import load_encoder
+    from backend.zeroshot.loader import max_batch
+
     config = work / "tiny-224-clip.json"
     config.write_text(json.dumps(TINY_224))
-    pictures = [picture(seed) for seed in range(min(PICTURES, args.images))]
-    size_kb = sum(map(len, pictures)) / len(pictures) / 1024
-    settings = load_settings(MODEL_CONFIG=str(config), MODEL_PRETRAINED="none", DEVICE="cpu")
-    sample = [tagged(data, f"limit/{i}") for i, data in enumerate(pictures)]
-    wall_rate, work_ms, encoder_ms = single_thread_work(settings, sample, seconds=3.0)
+    model = model_env(args, config)
+    width, height = dimensions(args.megapixels)
+    drawn = draw_pictures(picture_count(args.megapixels, args.images), (width, height))
+    size_kb = sum(map(len, drawn)) / len(drawn) / 1024
+    settings = load_settings(**model, MODEL_PRETRAINED="none")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the limit, and the tiny encoder's own cost: one thread
+    encoder = load_encoder(settings)
+    sample = [tagged(data, f"limit/{i}") for i, data in enumerate(drawn)]
+    wall_rate, work_ms = single_thread_work(settings, encoder, sample, seconds=3.0)
     limit = 1000 / work_ms * cores
-    print(f"images: {WIDTH}x{HEIGHT} JPEG q{QUALITY}, {size_kb:.0f} KB mean; model: tiny open_clip "
-          f"(224 px, random weights) on CPU, {encoder_ms:.2f} CPU ms/img on one thread (batch 8, "
-          "uint8 in)")
+    ceiling = None
+    if args.model:
+        torch.set_num_threads(threads)  # the encoder alone as the backend runs it
+        ceiling = encoder_only(encoder, sample, max_batch(settings), args.encoder_seconds)
+        describe = encoder.describe()
+        print(f"images: {width}x{height} JPEG q{QUALITY}, {size_kb:.0f} KB mean, {len(drawn)} "
+              f"different pictures; model: {args.model} ({encoder.input_size} px, random "
+              f"weights) on {describe['device']}, {describe['precision']}")
+    else:
+        encoder_ms = encoder_cpu_ms(encoder)
+        print(f"images: {width}x{height} JPEG q{QUALITY}, {size_kb:.0f} KB mean; model: tiny "
+              f"open_clip (224 px, random weights) on {args.device.upper()}, {encoder_ms:.2f} "
+              "CPU ms/img on one thread (batch 8, uint8 in)")
     print(f"limit: single-thread decode+resize+crop+normalise {work_ms:.2f} CPU ms/img = "
           f"{1000 / work_ms:.1f} img/s on an idle core ({wall_rate:.1f} img/s by the wall clock "
           f"here) x {cores} cores = {limit:.0f} img/s")
+    if ceiling:
+        print(f"encoder-only: {ceiling.rate:.1f} img/s ({args.model}, batch {ceiling.batch}, "
+              f"{ceiling.fed}, embeddings on the CPU out; {ceiling.batches} batches in "
+              f"{ceiling.seconds:.1f} s)")
+    device = encoder.device
+    del encoder  # and its GPU memory: the backend loads its own
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     runs = []
-    with ImageServer(work / "images") as images:
+    with ImageServer(work / "images", args.install) as images:
         print(f"image server: {images.kind}; {args.clients} clients x {args.tasks_per_request} "
               f"tasks per request, up to {args.seconds:.0f} s or {args.images} images per run",
               flush=True)
         for label, processes in run_labels(args.processes):
-            env = backend_env(config, work / f"state-{label}", processes)
-            runs.append(one_run(label, env, images, work, pictures, args))
+            if processes is None:  # the backend's default, whatever this shell exported
+                os.environ.pop("DECODE_PROCESSES", None)
+            env = backend_env(model, work / f"state-{label}", processes)
+            runs.append(one_run(label, env, images, work, drawn, args))
     report(runs, limit, cores, work_ms)
+    if ceiling:
+        report_encoder(runs, ceiling, args.device.startswith("cuda"))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
     python bench/gpu/check_imports.py [--device cuda]
 
-Imports every module of `backend` and the test-support and bench modules the benches use, builds
-what they build at start (a label interface, the app, open_clip's tokenizer), and reports every
-failure at once, with the missing top-level modules named, instead of stopping at the first.
+Imports every module of `backend` (subpackages included: the data plane's images.plane,
+images.plane_process, images.gpu_decode, ...) and the test-support, test and bench modules the
+run uses, builds what they build at start (a label interface, the app, open_clip's tokenizer, an
+aiohttp session), and reports every failure at once, with the missing top-level modules named,
+instead of stopping at the first. A batched JPEG decode on the device (nvJPEG on cuda) is tried
+too; its failure is a warning, not a failure: only the decode comparison and its tests need it.
 Also prints where each third-party package comes from (the carried wheels or the machine's own)
 and which requirements of the carried wheels the machine does not meet (a warning: many are
 extras-only or harmless). Exit status 1 when anything failed to import or build.
@@ -29,7 +32,9 @@ sys.path.insert(0, str(REPO))
 EXTRA_MODULES = [
     "tests.support.backend_server", "tests.support.http_server", "tests.support.backend_process",
     "tests.support.tiny_models", "tests.support.webhooks", "tests.support.redis_server",
-    "bench.predict_throughput", "bench.load", "bench.gpu.encoder_sweep",
+    "tests.support.microclip", "tests.images.test_gpu_decode", "pytest", "pytest_timeout",
+    "bench.predict_throughput", "bench.load", "bench.data_plane", "bench.gpu.encoder_sweep",
+    "bench.gpu.decode_compare", "torchvision.io", "torchvision.transforms.v2.functional",
 ]
 VERSIONS = [
     "torch", "torchvision", "numpy", "pillow", "httpx", "httpcore", "anyio", "h11", "click",
@@ -37,27 +42,30 @@ VERSIONS = [
     "regex", "tqdm", "pyarrow", "prometheus-client", "lxml", "requests", "uvloop",
     "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "pydantic-settings",
     "open-clip-torch", "label-studio-sdk", "redis", "rq",
+    "aiohttp", "aiohappyeyeballs", "aiosignal", "frozenlist", "multidict", "propcache", "yarl",
+    "attrs", "idna", "pytest", "pluggy", "iniconfig", "pygments", "packaging", "pytest-timeout",
 ]
 
 
 def backend_modules() -> list[str]:
     import backend
 
-    names = [f"backend.{m.name}" for m in pkgutil.walk_packages(backend.__path__)
-             if m.name != "__main__"]  # __main__ runs the CLI
-    import backend.store
-
-    names += [f"backend.store.{m.name}" for m in pkgutil.iter_modules(backend.store.__path__)]
+    # walking imports each subpackage to find its modules: one that fails to import is listed
+    # (and reported when imported below), its modules are not
+    names = [m.name for m in pkgutil.walk_packages(backend.__path__, prefix="backend.",
+                                                   onerror=lambda name: None)
+             if m.name != "backend.__main__"]  # __main__ runs the CLI
     return sorted(set(names))
 
 
-def check(label: str, action, failures: list[tuple[str, BaseException]]) -> None:
+def check(label: str, action, failures: list[tuple[str, BaseException]],
+          word: str = "FAIL") -> None:
     try:
         action()
         print(f"  ok    {label}")
     except BaseException as exc:  # noqa: BLE001 - report everything, fail at the end
         failures.append((label, exc))
-        print(f"  FAIL  {label}: {type(exc).__name__}: {exc}")
+        print(f"  {word:<4}  {label}: {type(exc).__name__}: {exc}")
 
 
 def build_things() -> list[tuple[str, object]]:
@@ -68,17 +76,57 @@ def build_things() -> list[tuple[str, object]]:
         LabelInterface(CONFIG)
 
     def app() -> None:
+        import tempfile
+
         from backend.config import load_settings
         from backend.web.app import create_app
-        create_app(load_settings(MODEL_NAME="ViT-B-32", MODEL_PRETRAINED="none",
-                                 IMAGE_URL_ALLOWLIST="127.0.0.1", LOG_LEVEL="WARNING"))
+        with tempfile.TemporaryDirectory(prefix="smoke-model-dir-") as state:
+            create_app(load_settings(MODEL_NAME="ViT-B-32", MODEL_PRETRAINED="none",
+                                     MODEL_DIR=state, IMAGE_URL_ALLOWLIST="127.0.0.1",
+                                     LOG_LEVEL="WARNING"))
 
     def tokenizer() -> None:
         import open_clip
         open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat."])
 
+    def fetcher() -> None:
+        import asyncio
+
+        from backend.config import load_settings
+        from backend.images.fetch import ImageFetcher
+        from tests.support.http_server import LoopbackServer, Route
+
+        async def get(url: str) -> bytes:
+            fetcher = ImageFetcher(load_settings(IMAGE_URL_ALLOWLIST="127.0.0.1"))
+            try:
+                return (await fetcher.fetch(url)).data
+            finally:
+                await fetcher.aclose()
+
+        with LoopbackServer() as server:
+            url = server.add("/smoke.jpg", Route(b"\xff\xd8 smoke", content_type="image/jpeg"))
+            if asyncio.run(get(url)) != b"\xff\xd8 smoke":
+                raise RuntimeError("fetched other bytes")
+
     return [("LabelInterface(config)", label_interface), ("create_app(settings)", app),
-            ("open_clip tokenizer ViT-B-32", tokenizer)]
+            ("open_clip tokenizer ViT-B-32", tokenizer),
+            ("ImageFetcher.fetch over loopback (aiohttp)", fetcher)]
+
+
+def gpu_decode(device: str) -> None:
+    """images.gpu_decode.decode_batch of two small JPEGs on `device`, on its batched path."""
+    import io
+
+    from PIL import Image
+
+    from backend.images.gpu_decode import decode_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 120, 40)).save(buffer, "JPEG", quality=90)
+    made = decode_batch([buffer.getvalue()] * 2, size=224, max_pixels=10**8, device=device)
+    if made.errors or made.on_cpu or tuple(made.pixels.shape) != (2, 3, 224, 224):
+        raise RuntimeError(f"errors {made.errors}, on the CPU path {sorted(made.on_cpu)}, "
+                           f"shape {tuple(made.pixels.shape)}")
 
 
 def origins() -> None:
@@ -164,12 +212,16 @@ def main() -> None:
                   f"{torch.cuda.get_device_capability()}), torch {torch.__version__}, "
                   f"CUDA {torch.version.cuda}, bf16 {torch.cuda.is_bf16_supported()}")
         check(f"a matrix product on {args.device}", gpu, failures)
+    warnings: list[tuple[str, BaseException]] = []
+    check(f"decode_batch on {args.device} (a warning only)", lambda: gpu_decode(args.device),
+          warnings, "WARN")
     origins()
     if args.site.is_dir():
         unmet_requirements(args.site)
     missing = sorted({exc.name.split(".")[0] for _, exc in failures
                       if isinstance(exc, ModuleNotFoundError) and exc.name})
-    print(f"smoke check: {len(failures)} failures in {time.perf_counter() - started:.1f} s")
+    print(f"smoke check: {len(failures)} failures, {len(warnings)} warnings in "
+          f"{time.perf_counter() - started:.1f} s")
     if failures:
         if missing:
             print("MISSING top-level modules (add their wheels to bench/gpu/fetch_wheels.sh): "

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Download, into .whl/ of the repository this is run from, the wheels the backend needs that the
 # GPU machine's image lacks (it has torch, torchvision, numpy, pillow, httpx, transformers,
-# pyarrow, prometheus-client, timm, lxml, requests, ... but no pydantic, fastapi, open_clip or
-# label-studio-sdk). That machine reaches no package registry: the wheels travel with the tree.
+# pyarrow, prometheus-client, timm, lxml, requests, ... but no pydantic, fastapi, open_clip,
+# aiohttp or label-studio-sdk), and pytest for the GPU decode tests. That machine reaches no
+# package registry: the wheels travel with the tree.
 #
 #   bash bench/gpu/fetch_wheels.sh                 # cp312 manylinux wheels into ./.whl
 #   PY_VERSION=3.11 DEST=/tmp/whl311 bash bench/gpu/fetch_wheels.sh   # same set, for a local try
 #
 # One pinned version per package (two versions of one package stop the whole install), no
 # dependencies resolved (--no-deps): the closure is listed here by hand, from what the backend,
-# tests/support and bench import (`python bench/gpu/check_imports.py` lists it).
+# tests/support, tests/images/test_gpu_decode.py and bench import (`python
+# bench/gpu/check_imports.py` is the check that it is complete).
 set -euo pipefail
 
 ROOT=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
@@ -25,6 +27,15 @@ WHEELS=(
   opentelemetry-api==1.45.2        # imported by fastapi.telemetry at import time
   uvicorn==0.54.0
   sniffio==1.3.1                   # anyio/httpcore import it when present; pyproject pins it
+  # image downloads (images/fetch.py) and what aiohttp 3.14 imports at import time (idna: image)
+  aiohttp==3.14.5                  # compiled
+  aiohappyeyeballs==2.7.1
+  aiosignal==1.4.0
+  frozenlist==1.8.0                # compiled
+  multidict==7.2.1                 # compiled
+  propcache==0.5.4                 # compiled
+  yarl==1.25.1                     # compiled; aiohttp 3.14.5 needs >= 1.25.1
+  attrs==26.1.0                    # the image has one (label-studio-sdk's), its age unknown
   # settings and request models
   pydantic==2.14.4
   pydantic-core==2.50.5            # compiled; exact pin of pydantic 2.14.4
@@ -54,6 +65,13 @@ WHEELS=(
   pyjwt==2.13.0
   appdirs==1.4.4
   xmljson==0.2.1
+  # the GPU decode tests (tests/images/test_gpu_decode.py): pytest and what it imports
+  pytest==9.2.0
+  pluggy==1.7.0
+  iniconfig==2.3.1
+  pygments==2.21.0
+  packaging==26.4                  # pytest 9 needs >= 24; the image's may be older
+  pytest-timeout==2.4.0            # pyproject's `timeout` option
 )
 
 PLATFORMS=()
@@ -80,7 +98,8 @@ if [[ ${#files[@]} -ne ${#WHEELS[@]} || -n $names ]]; then
 fi
 printf '%s\n' "${files[@]##*/}"
 du -sh "$DEST"
-if [[ $DEST == "$ROOT/.whl" ]]; then
+# .whl/ is in .gitignore; an older checkout's is not: keep the wheels out of its commits too
+if [[ $DEST == "$ROOT/.whl" ]] && ! git -C "$ROOT" check-ignore -q .whl/x.whl 2>/dev/null; then
   exclude=$(cd "$ROOT" && git rev-parse --git-path info/exclude 2>/dev/null || true)
   [[ -n $exclude && $exclude != /* ]] && exclude=$ROOT/$exclude
   if [[ -n $exclude ]] && ! grep -qx '/.whl/' "$exclude" 2>/dev/null; then
