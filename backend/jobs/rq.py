@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODEL_WAIT_S = 900.0
+CANCEL_WAIT_S = 30.0
+"""How long an interrupted call waits for its coroutine to finish being cancelled."""
 
 
 class RqRuntime:
@@ -48,7 +50,31 @@ class RqRuntime:
         await self.model.wait_ready(MODEL_WAIT_S)
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """Run `coroutine` on the worker's loop and wait for its result.
+
+        RQ interrupts the waiting thread, not the loop: its job timeout (SIGALRM) and a cold
+        shutdown (a second SIGTERM: SystemExit) raise here. The coroutine is then cancelled
+        and waited for, so an item releases its claims at once: it no longer runs beside the
+        next item, nor finds the decode processes shut down under it while the worker closes
+        (which recorded its tasks as failed)."""
+        ended = threading.Event()
+
+        async def started() -> asyncio.Task[T]:
+            task = asyncio.ensure_future(coroutine)
+            task.add_done_callback(lambda _: ended.set())
+            return task
+
+        handle = asyncio.run_coroutine_threadsafe(started(), self.loop)
+        try:
+            ended.wait()
+        except BaseException:
+            task = handle.result(CANCEL_WAIT_S)
+            self.loop.call_soon_threadsafe(task.cancel)
+            if not ended.wait(CANCEL_WAIT_S):
+                log.warning("an interrupted call did not end within %.0f s of its cancellation",
+                            CANCEL_WAIT_S)
+            raise
+        return handle.result().result()
 
     def close(self) -> None:
         self.call(self.model.aclose())
