@@ -1,7 +1,7 @@
 """RQ workers (backend/jobs/rq.py) with the data plane: an item that RQ interrupts in the worker
 (its job timeout, a cold shutdown) is cancelled on the worker's event loop, so its tasks are free
 again at once and not recorded as failed; closing the worker stops the decode processes and
-frees their shared memory."""
+frees their shared memory; a stopping worker does not wait on RQ's pub/sub thread."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from redis.client import PubSub
 from rq.timeouts import JobTimeoutException
 
 from backend.config import load_settings
 from backend.jobs import rq
+from backend.jobs.executors import rq_queue
 from backend.jobs.work import JobSpec
 from backend.runtime import Backend
 
 from ..support.http_server import Recorded, Route
+from ..support.waiting import eventually
 
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
           '<Choice value="a"/><Choice value="b"/></Choices></View>')
@@ -100,3 +103,29 @@ def test_an_item_interrupted_in_the_worker_is_cancelled_and_its_tasks_released(
     assert decode_processes() == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # stopped and reaped
     assert not any(segment.exists() for segment in segments)
+
+
+@pytest.fixture
+def reader_without_timeout(monkeypatch):
+    """RQ's pub/sub thread waits for a message with no timeout (RQ gives it 60 s, and a stopping
+    worker waited them out): a stop that relied on that timeout would hang here."""
+    original = PubSub.run_in_thread
+
+    def run_in_thread(self, sleep_time=0.0, **kwargs):  # type: ignore[no-untyped-def]
+        return original(self, sleep_time=None, **kwargs)
+
+    monkeypatch.setattr(PubSub, "run_in_thread", run_in_thread)
+
+
+@pytest.mark.parametrize("reader", ["reading", "unsubscribed-first"])
+def test_a_stopping_worker_does_not_wait_on_rqs_pubsub_thread(reader, redis_url,
+                                                               reader_without_timeout):
+    worker = rq.rq_worker(rq_queue(load_settings(REDIS_URL=redis_url)))
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    if reader == "unsubscribed-first":  # RQ's order: the reply read before the thread is told
+        worker.pubsub.unsubscribe()    # to stop, it waited to be subscribed again
+        assert eventually(lambda: not worker.pubsub.subscribed)
+    worker.unsubscribe()  # as the worker's teardown calls it
+    assert not thread.is_alive()
+    assert worker.pubsub.connection is None  # closed
