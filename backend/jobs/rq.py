@@ -13,6 +13,7 @@ write to Redis still cannot make a worker run code.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODEL_WAIT_S = 900.0
+CANCEL_WAIT_S = 30.0
+"""How long an interrupted call waits for its coroutine to finish being cancelled."""
+PUBSUB_STOP_S = 10.0
+"""At most this long for RQ's pub/sub thread to end when the worker stops (it ends as soon as
+its connection answers; this only bounds a Redis that stopped answering)."""
 
 
 class RqRuntime:
@@ -48,7 +54,31 @@ class RqRuntime:
         await self.model.wait_ready(MODEL_WAIT_S)
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """Run `coroutine` on the worker's loop and wait for its result.
+
+        RQ interrupts the waiting thread, not the loop: its job timeout (SIGALRM) and a cold
+        shutdown (a second SIGTERM: SystemExit) raise here. The coroutine is then cancelled
+        and waited for, so an item releases its claims at once: it no longer runs beside the
+        next item, nor finds the decode processes shut down under it while the worker closes
+        (which recorded its tasks as failed)."""
+        ended = threading.Event()
+
+        async def started() -> asyncio.Task[T]:
+            task = asyncio.ensure_future(coroutine)
+            task.add_done_callback(lambda _: ended.set())
+            return task
+
+        handle = asyncio.run_coroutine_threadsafe(started(), self.loop)
+        try:
+            ended.wait()
+        except BaseException:
+            task = handle.result(CANCEL_WAIT_S)
+            self.loop.call_soon_threadsafe(task.cancel)
+            if not ended.wait(CANCEL_WAIT_S):
+                log.warning("an interrupted call did not end within %.0f s of its cancellation",
+                            CANCEL_WAIT_S)
+            raise
+        return handle.result().result()
 
     def close(self) -> None:
         self.call(self.model.aclose())
@@ -74,17 +104,51 @@ def serve(settings: Settings, build: Callable[[Settings], LoadedPredictor], *,
     """Load the model (`build`: the composition root), then work items until stopped (or,
     with `burst`, the queue is empty)."""
     global _RUNTIME
-    from rq.worker import SimpleWorker
-
     queue = rq_queue(settings)
     runtime = _RUNTIME = RqRuntime(settings, build)
     log.info("pre-label worker %s ready on queue %s (model %s)", runtime.owner, queue.name,
              runtime.model.model_label)
     try:
-        worker = SimpleWorker([queue], connection=queue.connection,
-                              serializer=queue.serializer)
+        worker = rq_worker(queue)
         worker.work(burst=burst, logging_level=logging.getLevelName(log.getEffectiveLevel()))
     finally:
         _RUNTIME = None
         runtime.close()
     return 0
+
+
+def rq_worker(queue: Any) -> Any:
+    """RQ's SimpleWorker for `queue` (items are worked in this process, which holds the model),
+    whose stop does not wait on its pub/sub thread.
+
+    That thread (RQ's remote commands: `rq.command.send_shutdown_command`…) reads with a 60 s
+    timeout and checks between reads whether to stop. RQ unsubscribes first and asks it to stop
+    after: when the unsubscribe reply was read in between, the thread waits out its whole
+    timeout, and so did the worker's exit (redis-py >= 8 joins the thread in `stop()`): a
+    SIGTERM'd idle worker took up to a minute to exit, past `docker stop`'s 10 s. Here the
+    thread is told to stop first, then woken by the unsubscribe reply (or, waiting to be
+    subscribed, by its event), and joined."""
+    from redis.exceptions import RedisError
+    from rq.worker import SimpleWorker
+
+    class Worker(SimpleWorker):
+        def unsubscribe(self) -> None:
+            thread: Any = self.pubsub_thread
+            pubsub: Any = self.pubsub
+            if thread is None or pubsub is None:
+                return
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name,
+                          self.pubsub_channel_name)
+            if "timeout" in inspect.signature(thread.stop).parameters:
+                thread.stop(timeout=0)  # redis-py >= 8: clears its flag, then joins
+            else:
+                thread.stop()  # clears its flag
+            pubsub.subscribed_event.set()  # a thread waiting to be subscribed reads now
+            try:
+                pubsub.unsubscribe()  # the reply wakes a thread waiting for a message
+            except RedisError as exc:  # it reads the same error, and stops
+                self.log.warning("Worker %s: unsubscribing failed: %s", self.name, exc)
+            thread.join(PUBSUB_STOP_S)
+            pubsub.close()
+
+    return Worker([queue], connection=queue.connection, serializer=queue.serializer)
