@@ -38,6 +38,13 @@ class Recorded:
     body: bytes
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128
+    """The listen backlog. socketserver's default, 5, drops connections a burst opens at once
+    (the decode processes open up to FETCH_CONCURRENCY each); a dropped SYN is retried only
+    after a second, a stall no real image server shows."""
+
+
 class LoopbackServer:
     """`with LoopbackServer() as server: server.add('/a.png', Route(...)); server.url('/a.png')`"""
 
@@ -45,7 +52,7 @@ class LoopbackServer:
         self.host = host
         self.routes: dict[str, Route | Callable[[Recorded], Route]] = {}
         self.requests: list[Recorded] = []
-        self._server = ThreadingHTTPServer((host, 0), self._handler())
+        self._server = _Server((host, 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
