@@ -38,6 +38,7 @@ if [[ $BENCH_DEVICE == cpu ]]; then   # rehearsal: the same steps, minutes short
   : "${BATCH:=8}" "${SMALL_IMAGES:=16}" "${REPEAT:=1}"
   : "${LOAD_SECONDS:=5}" "${LOAD_CLIENTS:=4}" "${LOAD_MODEL:=}"
   : "${SWEEP_MODELS:=ViT-B-32}" "${SWEEP_BATCHES:=1 8}" "${SWEEP_SECONDS:=0.3}"
+  : "${SCALE_PROCESSES:=1 2}" "${SCALE_IMAGES:=600}" "${SCALE_SECONDS:=3}" "${SCALE_CLIENTS:=8}"
 else
   : "${DP_MODEL:=ViT-B-16}" "${DP_PRECISION:=bf16}" "${DP_CLIENTS:=16}" "${DP_TASKS:=64}"
   : "${DP_SMALL_IMAGES:=24000}" "${DP_LARGE_IMAGES:=2400}" "${DP_SECONDS:=8}"
@@ -46,6 +47,8 @@ else
   : "${LOAD_SECONDS:=20}" "${LOAD_CLIENTS:=50}" "${LOAD_MODEL:=ViT-B-32}"
   : "${SWEEP_MODELS:=ViT-B-16 ViT-B-32 ViT-L-14}" "${SWEEP_BATCHES:=1 8 64 256}"
   : "${SWEEP_SECONDS:=1.5}"
+  : "${SCALE_PROCESSES:=1 2 4 8 16}" "${SCALE_IMAGES:=8000}" "${SCALE_SECONDS:=4}"
+  : "${SCALE_CLIENTS:=32}"
 fi
 # DECODE_PROCESSES of the data-plane runs: unset = the backend's default, one per CPU
 : "${DP_PROCESSES:=unset}"
@@ -122,6 +125,12 @@ data_plane() {  # data_plane MEGAPIXELS IMAGES
     --encoder-seconds "$DP_ENCODER_SECONDS" --no-install
 }
 
+plane_scaling() {  # the CPU proxy (tiny model on the CPU) per number of decode processes
+  # shellcheck disable=SC2086 # SCALE_PROCESSES lists several values
+  "$PYTHON" bench/data_plane.py --device cpu --processes $SCALE_PROCESSES \
+    --images "$SCALE_IMAGES" --seconds "$SCALE_SECONDS" --clients "$SCALE_CLIENTS" --no-install
+}
+
 decode_compare() {
   "$PYTHON" bench/gpu/decode_compare.py --device "$BENCH_DEVICE" --megapixels 0.3 "$LARGE_MP" \
     --batch "$DC_BATCH" --seconds "$DC_SECONDS"
@@ -186,9 +195,10 @@ print({k: os.environ.get(k) for k in ("DEVICE", "DECODE_PROCESSES", "FETCH_CONCU
 
 export BENCH_DEVICE PYTHON WHEELS SITE OUT BATCH SMALL_IMAGES LARGE_MP REPEAT LOAD_SECONDS \
   LOAD_CLIENTS LOAD_MODEL CPUS GPU_SMI TESTBED_CACHE DP_MODEL DP_PRECISION DP_CLIENTS DP_TASKS \
-  DP_SECONDS DP_ENCODER_SECONDS DP_PROCESSES DC_BATCH DC_SECONDS
-export -f fresh_model_dir data_plane decode_compare gpu_decode_tests throughput load_bench \
-  install_wheels machine_info
+  DP_SECONDS DP_ENCODER_SECONDS DP_PROCESSES DC_BATCH DC_SECONDS SCALE_PROCESSES SCALE_IMAGES \
+  SCALE_SECONDS SCALE_CLIENTS
+export -f fresh_model_dir data_plane plane_scaling decode_compare gpu_decode_tests throughput \
+  load_bench install_wheels machine_info
 
 main() {
   echo "GPU bench: device $BENCH_DEVICE, budget ${BUDGET_S}s; data plane $DP_MODEL" \
@@ -209,6 +219,7 @@ main() {
   step "data plane $LARGE_MP MP" 150 data_plane "$LARGE_MP" "$DP_LARGE_IMAGES"
   step "decode compare" 100 decode_compare
   step "GPU decode tests" 120 gpu_decode_tests
+  step "plane scaling (CPU proxy)" 150 plane_scaling
   # then the figures of earlier runs, as far as the budget goes
   # shellcheck disable=SC2086 # word splitting of the lists is wanted
   step "encoder-only sweep" 90 "$PYTHON" bench/gpu/encoder_sweep.py --device "$BENCH_DEVICE" \
@@ -220,7 +231,8 @@ main() {
 
 RESULTS='^(images: |limit: |encoder-only|/predict |GPU during |DECODE_PROCESSES |unset |gpu util|'
 RESULTS+='decode |[0-9]+ (passed|failed|skipped|deselected|errors?)|smoke check:|MISSING|model |'
-RESULTS+='  ViT| *[0-9.]+ MP \(|load: |route |/webhook |/health |PASS|FAIL)'
+RESULTS+='  ViT| *[0-9.]+ MP \(|load: |route |/webhook |/health |PASS|FAIL|scaling: |'
+RESULTS+='[0-9]+ +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]+ )'
 
 summary() {
   echo
