@@ -277,24 +277,24 @@ def _arena_check(settings: Settings, decoded: str) -> Check:
     """The server's arenas (every server process's, at the model's input side) against the free
     space in /dev/shm: WARN when the server will use fewer slots than FETCH_CONCURRENCY, FAIL
     when it cannot start its decode processes at all."""
-    from .images import plane
+    from .images import arenas, plane
 
     side, assumed = _model_side(settings)
     per_server = plane.plane_processes(settings, os.cpu_count())
-    arenas = plane.plan_arenas(settings, per_server * settings.WORKERS, side,
-                               plane.shm_free_bytes())
+    plan = arenas.plan_arenas(settings, per_server * settings.WORKERS, side,
+                              arenas.shm_free_bytes())
     notes = [f"WORKERS={settings.WORKERS} x {per_server}"] if settings.WORKERS > 1 else []
     notes += [f"assuming {side} px until the model loads"] if assumed else []
-    planned = f"shared-memory arenas: {arenas.describe()}"
+    planned = f"shared-memory arenas: {plan.describe()}"
     planned += f" ({'; '.join(notes)})" if notes else ""
-    if not arenas.fits:
-        return Check("decoding", "FAIL", f"{decoded}, but {arenas.shortage()}, even at "
-                     f"{plane.MIN_SLOTS} slots per process",
-                     f"{plane.SHM_FIX}, or set DECODE_PROCESSES=0")
-    if arenas.reduced:
-        return Check("decoding", "WARN", f"{decoded}, but {arenas.shortage()}: the server will "
-                     f"use {arenas.slots} slots per process instead of {arenas.wanted}; "
-                     f"{planned}", plane.SHM_FIX)
+    if not plan.fits:
+        return Check("decoding", "FAIL", f"{decoded}, but {plan.shortage()}, even at "
+                     f"{arenas.MIN_SLOTS} slots per process",
+                     f"{arenas.SHM_FIX}, or set DECODE_PROCESSES=0")
+    if plan.reduced:
+        return Check("decoding", "WARN", f"{decoded}, but {plan.shortage()}: the server will "
+                     f"use {plan.slots} slots per process instead of {plan.wanted}; "
+                     f"{planned}", arenas.SHM_FIX)
     return Check("decoding", "OK", f"{decoded}; {planned}")
 
 

@@ -339,7 +339,7 @@ def byte_size(value: str | int) -> int:
 
 
 def test_backends_get_shared_memory_for_16_decode_processes_at_384_px():
-    from backend.images.plane import SHM_SHARE, plan_arenas
+    from backend.images.arenas import SHM_SHARE, plan_arenas
 
     # Docker's default /dev/shm (64 MB) would cut a 16-core machine's slots to a quarter
     needed = plan_arenas(load_settings(), 16, 384, None).wanted_bytes / SHM_SHARE

@@ -89,12 +89,12 @@ def test_decode_processes_are_started_once_or_skipped_without_them(capsys, tiny_
 
 def test_the_decoding_check_warns_when_the_arenas_would_not_fit_in_dev_shm(capsys, tiny_env,
                                                                          monkeypatch):
-    from backend.images import plane
+    from backend.images import arenas
 
     slot = 32 * 32 * 3
     monkeypatch.setenv("DECODE_PROCESSES", "2")
     monkeypatch.setenv("WORKERS", "2")  # each server process has its own decode processes
-    monkeypatch.setattr(plane, "shm_free_bytes", lambda: 2 * 4 * 8 * slot)
+    monkeypatch.setattr(arenas, "shm_free_bytes", lambda: 2 * 4 * 8 * slot)
     status, checks, report = doctor(capsys, "--skip-model")
     assert status == 0 and checks["decoding"] == "WARN", report
     assert "4 processes x 16 slots (FETCH_CONCURRENCY)" in report, report
@@ -102,7 +102,7 @@ def test_the_decoding_check_warns_when_the_arenas_would_not_fit_in_dev_shm(capsy
     fix = fix_under(report, "decoding")
     assert "--shm-size" in fix and "shm_size" in fix and "FETCH_CONCURRENCY" in fix
 
-    monkeypatch.setattr(plane, "shm_free_bytes", lambda: 2 * 4 * plane.MIN_SLOTS * slot - 1)
+    monkeypatch.setattr(arenas, "shm_free_bytes", lambda: 2 * 4 * arenas.MIN_SLOTS * slot - 1)
     status, checks, report = doctor(capsys, "--skip-model")
     assert status == 1 and checks["decoding"] == "FAIL", report
     assert "DECODE_PROCESSES=0" in fix_under(report, "decoding")

@@ -22,9 +22,10 @@ from PIL import Image
 from backend import metrics
 from backend.config import Settings, load_settings
 from backend.errors import DecodeError, FetchError, ImageRefused
+from backend.images.arenas import MIN_SLOTS, plan_arenas
 from backend.images.decode import decode_image
 from backend.images.fetch import ImageFetcher
-from backend.images.plane import MIN_SLOTS, Decoded, DecodePlane, plan_arenas
+from backend.images.plane import Decoded, DecodePlane
 from backend.images.steps import apply_steps
 from backend.labelstudio.client import LabelStudioAccess
 from backend.store import embedding_key
