@@ -279,16 +279,19 @@ def _url(url: str) -> yarl.URL:
     URL's signature covers its exact spelling), else percent-encoded by yarl."""
     try:
         target = yarl.URL(url, encoded=_ENCODED.fullmatch(url) is not None)
-        if target.scheme not in ("http", "https") or not target.raw_host:
-            raise ValueError("no host")
         target.port  # noqa: B018 - an out-of-range port raises here
     except (ValueError, TypeError) as exc:
         raise ImageRefused(f"malformed image URL {_safe(url)!r}: {exc}") from None
+    if target.scheme not in ("http", "https"):  # a redirect's Location, say
+        raise ImageRefused(f"unsupported image reference {_safe(url)}: only http(s) is "
+                           "fetched")
+    if not target.raw_host:
+        raise ImageRefused(f"malformed image URL {_safe(url)!r}: no host")
     return target
 
 
-_ENCODED = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
-"""Only characters a URL may carry as they are (RFC 3986)."""
+_ENCODED = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+"""Only characters a URL may carry as they are, and valid percent escapes (RFC 3986)."""
 
 
 def is_data_uri(ref: str) -> bool:

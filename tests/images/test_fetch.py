@@ -247,3 +247,20 @@ def test_a_url_with_an_invalid_port_is_a_task_error_even_next_to_label_studio(lo
     with pytest.raises((ImageRefused, FetchError)):  # not a ValueError from the origin check
         fetch("http://127.0.0.1:99999/x.png", ls=LabelStudioAccess(loopback.base, LEGACY),
               IMAGE_URL_ALLOWLIST="")
+
+
+def test_urls_are_sent_as_written_unless_they_need_encoding(loopback: LoopbackServer):
+    """A presigned URL's signature covers its exact spelling: valid escapes go out unchanged;
+    a space or a stray % is percent-encoded (as a browser would)."""
+    for path in ("/a%2Fb.png?X-Amz-Signature=ab%2Bcd", "/100%25.png"):
+        loopback.add(path.split("?")[0], Route(b"ok"))
+        assert fetch(loopback.base + path) == b"ok"
+        assert loopback.requests[-1].path == path
+    loopback.add("/my%20file%25.png", Route(b"spaced"))
+    assert fetch(loopback.base + "/my file%.png") == b"spaced"
+
+
+def test_a_redirect_to_another_scheme_is_refused(loopback: LoopbackServer):
+    url = loopback.add("/hop", Route(status=302, headers={"Location": "file:///etc/passwd"}))
+    with pytest.raises(ImageRefused, match="only http"):
+        fetch(url)
