@@ -152,9 +152,12 @@ def test_http_job_reports_progress_and_a_new_label_set_rescores_without_encoding
         encoded = backend.counter("backend_images_encoded_total")
         config = choices_config().replace("</Choices>", '<Choice value="silver star"/></Choices>')
         client.patch_project(project, label_config=config)  # a new label: a new model_version
+        # what the job reads next (eventually: a loaded Label Studio once served the old one)
+        assert eventually(lambda: client.get_project(project)["label_config"] == config,
+                          timeout=30, interval=0.25)
         second = run_over_http(backend, project)
         assert backend.counter("backend_images_encoded_total") == encoded  # all from the cache
-    assert first["model_version"] != second["model_version"]
+    assert first["model_version"] != second["model_version"], (first, second)
     for job in (first, second):
         assert (job["status"], job["done"], job["failed"], job["total"]) == ("done", 60, 1, 61)
         assert "HTTP 404" in job["failures"][str(broken)]  # the one bad image, and why
