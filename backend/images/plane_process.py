@@ -5,8 +5,8 @@ Label Studio token rules as the main process), and for each job: fetch → SHA-2
 → `decode_image` → the model's PIL steps → uint8 pixels written into the job's slot of the
 shared-memory arena the main process created. Jobs come as lists (the main process sends
 all it can place in one message); replies go back as lists of small tuples, those of the jobs
-that finished in one turn of the event loop together (fewer wake-ups on both sides), but never
-held while another image decodes:
+that finished in one turn of the event loop together (fewer wake-ups on both sides; sending
+each before the next image decodes cost the CPU proxy 0.63 → 0.51–0.59 of the limit):
 
     ("ready",)
     ("ok", job, key, (height, width), downloaded, cpu)     cpu: {stage: CPU seconds}
@@ -136,8 +136,6 @@ class Worker:
             fetched = await self.fetcher.fetch(ref, task_id=task_id,
                                                ls=self._access(ls_url, ls_token))
             data, content_type = fetched.data, fetched.content_type
-            if self.outbox:  # replies never wait behind this image's decoding
-                self._flush()
             key = _timed(cpu, "hash", embedding_key, self.config.model, data)
             image = _timed(cpu, "decode", decode_image, data,
                            max_pixels=self.settings.MAX_IMAGE_PIXELS,
