@@ -175,8 +175,6 @@ class Worker:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        if not self.outbox:
-            return
         replies, self.outbox = self.outbox, []
         try:
             self.conn.send(replies)

@@ -153,8 +153,9 @@ class OpenClipEncoder:
         self._head, self._tail = _split_preprocess(preprocess)
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
-        if self._tail is not None:
-            self._mean, self._std = _normalize_constants(preprocess)
+        if self._tail is not None:  # shaped for (N, 3, S, S), on the device, once
+            mean, std = _normalize_constants(preprocess)
+            self._mean, self._std = (c.to(device).view(1, 3, 1, 1) for c in (mean, std))
         self.pixel_steps = _pixel_steps(self._head, self.input_size) if self._tail else None
         self.weights = weights  # after reading the scoring constants: in FP32, not rounded
         if weights is not None:
@@ -188,8 +189,7 @@ class OpenClipEncoder:
             pixels = pixels.permute(0, 3, 1, 2)
         # per-channel constants over whole planes: vectorised, where broadcasting over a last
         # dimension of 3 is not (the same arithmetic per element, so the same values)
-        mean = self._mean.to(self.device).view(1, 3, 1, 1)
-        std = self._std.to(self.device).view(1, 3, 1, 1)
+        mean, std = self._mean, self._std
         # One new float tensor, made contiguous NCHW in the same pass that converts it (a
         # copy, never the caller's tensor), then the same three operations in place: the
         # values of `(x / 255.0 - mean) / std` without its uint8 copy and three temporaries
