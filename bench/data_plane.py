@@ -689,15 +689,20 @@ def row(run: Run, limit: float) -> list[str]:
             str(sum(run.load.failures.values()))]
 
 
-def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
-    rows = [list(COLUMNS), *(row(run, limit) for run in runs)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    print("\nCPU ms per image: main = the server process, procs = its child processes (decode), "
-          "fetch..preprocess = backend_plane_cpu_seconds_total{stage} ('-': not exposed), "
-          "images = the image server, client = this process; /health latency in ms")
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of cells in aligned columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.rjust(width) if i else cell.ljust(width)
                         for i, (cell, width) in enumerate(zip(r, widths))))
+
+
+def report(runs: list[Run], limit: float, cores: int, work_ms: float) -> None:
+    rows = [list(COLUMNS), *(row(run, limit) for run in runs)]
+    print("\nCPU ms per image: main = the server process, procs = its child processes (decode), "
+          "fetch..preprocess = backend_plane_cpu_seconds_total{stage} ('-': not exposed), "
+          "images = the image server, client = this process; /health latency in ms")
+    print_table(rows)
     for run in runs:
         top = dict(run.load.failures.most_common(3))
         failures = f", failures {top}" if top else ""

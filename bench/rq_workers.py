@@ -344,15 +344,12 @@ def row(result: Result) -> list[str]:
 
 def report(results: list[Result], cores: int) -> None:
     rows = [list(COLUMNS), *(row(result) for result in results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     print("\nW x D: worker processes x DECODE_PROCESSES per worker; procs: the worker processes "
           "and their decode processes; CPU ms per task: workers = their main processes, decode = "
           "their child processes, server = the planning backend, LS = Label Studio's process "
           "tree, total = all but this bench process (bench); cores busy = total CPU s / wall s; "
           "decode seen = decode processes per worker during the job")
-    for r in rows:
-        print("  ".join(cell.rjust(width) if i else cell.ljust(width)
-                        for i, (cell, width) in enumerate(zip(r, widths))))
+    dp.print_table(rows)
     for result in results:
         problems = result.problems
         top = dict(result.failures.most_common(3))

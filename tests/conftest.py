@@ -12,6 +12,7 @@ import pytest
 
 from backend.config import Settings, load_settings
 from backend.images import plane as _plane
+from backend.store import Store, open_store
 
 from .support.http_server import LoopbackServer
 from .support.network_guard import install_loopback_only_guard
@@ -106,6 +107,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """One real redis-server for the session (AOF on, fsync always)."""
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tiny_settings: Settings) -> Iterator[Store]:
+    """An opened store, the embedded SQLite one and then Redis (modules that need another
+    store define their own `store`)."""
+    update = {"REDIS_URL": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
+    opened = open_store(tiny_settings.model_copy(update=update))
+    yield opened
+    opened.close()
 
 
 @pytest.fixture

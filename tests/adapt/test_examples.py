@@ -3,7 +3,6 @@ store round trips it costs (one embeddings read for all records, whatever their 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from backend.adapt.examples import collect_examples
 from backend.adapt.fit import normalise_rows
 from backend.labelstudio.label_config import parse_label_config
-from backend.store import Store, open_store
+from backend.store import Store
 from backend.store.base import Vector
 
 from ..support.counting_store import count_calls
@@ -21,14 +20,6 @@ MODEL = "m"
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
           '<Choice value="cat"/><Choice value="dog"/><Choice value="bird"/></Choices></View>')
 SPACE = parse_label_config(CONFIG).spaces[0]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tiny_settings: Any) -> Iterator[Store]:
-    update = {"REDIS_URL": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
-    opened = open_store(tiny_settings.model_copy(update=update))
-    yield opened
-    opened.close()
 
 
 def vector(seed: int) -> Vector:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from backend.errors import ReviewError
 from backend.formats import FORMULA_STARTS
 from backend.labelstudio.label_config import parse_label_config
 from backend.review.queues import project_view, write
-from backend.store import Entry, Store, open_store
+from backend.store import Entry, Store
 
 from ..support.counting_store import count_calls
 
@@ -49,14 +48,6 @@ MODEL = "m"
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
           '<Choice value="cat"/><Choice value="dog"/></Choices></View>')
 SPACE = parse_label_config(CONFIG).spaces[0]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tiny_settings: Any) -> Iterator[Store]:
-    update = {"REDIS_URL": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
-    opened = open_store(tiny_settings.model_copy(update=update))
-    yield opened
-    opened.close()
 
 
 def predicted(store: Store, tasks: dict[int, str | None]) -> None:
